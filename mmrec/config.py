@@ -1,0 +1,237 @@
+"""Typed pipeline configuration loaded from YAML.
+
+The YAML files under ``configs/`` are the only source of parameters. Each component receives its
+own section (``cfg.validation``, ``cfg.preprocess``), never the whole file. Unknown keys are errors,
+so a typo cannot silently fall back to a default.
+
+Paths in a config file are relative to its ``root`` key, which is itself relative to the folder
+holding the config file (``root: ..`` for files in ``configs/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from mmrec.data.synthetic import DemoConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file or section is invalid."""
+
+
+def _from_dict(cls, data: dict[str, Any] | None, where: str):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones."""
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where a domain's raw data comes from."""
+
+    format: str
+    """Importer name: one of ``mmrec.data.importers.IMPORTERS`` (ninerec, movielens, tabular)."""
+    path: str
+    """Folder holding the raw files, relative to the config root (absolute paths allowed)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Importer-specific options (file names, column mapping, image folder); see each importer."""
+
+    def __post_init__(self):
+        if not self.format:
+            raise ValueError("source.format is required")
+        if not self.path:
+            raise ValueError("source.path is required")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Great Expectations checks run on a raw catalog before it is preprocessed."""
+
+    on_error: str = "fail"
+    """``fail``: stop with a report naming each failing expectation; ``quarantine``: move bad rows
+    to a side file, report the counts and continue."""
+    min_text_share: float = 0.0
+    """Lowest share of items with non-empty text (modality completeness)."""
+    min_image_share: float = 0.0
+    """Lowest share of items with a readable image."""
+    min_user_interactions: int = 3
+    """Shortest acceptable raw sequence: leave-one-out needs at least one training item."""
+    max_user_interactions: int | None = None
+    """Longest acceptable raw sequence (``None``: no bound)."""
+    check_images: bool = True
+    """Open and fully decode every referenced image (slow on large catalogs; disable to only
+    check that the files exist)."""
+    sample_rows: int = 5
+    """How many failing rows each report entry shows."""
+
+    def __post_init__(self):
+        if self.on_error not in ("fail", "quarantine"):
+            raise ValueError(f"on_error must be 'fail' or 'quarantine', got {self.on_error!r}")
+        for name in ("min_text_share", "min_image_share"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.min_user_interactions < 3:
+            raise ValueError(
+                f"min_user_interactions must be >= 3 (train, valid and test items), got {self.min_user_interactions}"
+            )
+        if self.max_user_interactions is not None and self.max_user_interactions < self.min_user_interactions:
+            raise ValueError("max_user_interactions must be >= min_user_interactions")
+        if self.sample_rows < 1:
+            raise ValueError("sample_rows must be >= 1")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The papers' preprocessing (PMMRec / NineRec protocol)."""
+
+    min_seq_len: int = 5
+    """Drop users with fewer interactions (PMMRec uses 3, NineRec 5)."""
+    max_seq_len: int = 20
+    """L, the longest training history; each user keeps the last L+3 interactions."""
+
+    def __post_init__(self):
+        if self.min_seq_len < 3:
+            raise ValueError(f"min_seq_len must be >= 3 for a leave-one-out split, got {self.min_seq_len}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+
+    @property
+    def keep_last(self) -> int:
+        """How many of each user's most recent interactions are kept (L + 3)."""
+        return self.max_seq_len + 3
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One domain (platform) of the pipeline."""
+
+    name: str
+    """Domain name: the partition key and the folder name of its artifacts."""
+    source: SourceConfig
+    role: str = "target"
+    """``source`` domains feed pretraining; ``target`` domains are fine-tuned and evaluated."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """This domain's validation thresholds (the top-level section merged with the domain's own)."""
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("-", "_").replace(".", "_").isidentifier():
+            raise ValueError(f"domain name must be a simple identifier-like name, got {self.name!r}")
+        if self.role not in ("source", "target"):
+            raise ValueError(f"domain {self.name!r}: role must be 'source' or 'target', got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole pipeline: domains, data locations and per-stage sections."""
+
+    root: Path
+    """Project root; relative paths below resolve against it."""
+    domains: tuple[DomainConfig, ...]
+    artifacts: Path
+    """Where stage outputs go: ``<artifacts>/<stage>/<domain>/``."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    demo: DemoConfig | None = None
+    """Synthetic demo data to generate (``mmrec demo_data``), or None."""
+    demo_path: Path | None = None
+    """Where the demo data is generated (inside the DVC-tracked raw data folder)."""
+    config_path: Path | None = None
+    """The YAML file this config was loaded from."""
+
+    def __post_init__(self):
+        if not self.domains:
+            raise ValueError("at least one domain is required")
+        names = [d.name for d in self.domains]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate domain names: {dup}")
+
+    def domain(self, name: str) -> DomainConfig:
+        """The domain called ``name``; raises listing the configured ones otherwise."""
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise ConfigError(f"unknown domain {name!r}; configured domains: {[d.name for d in self.domains]}")
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """An absolute path for ``path`` (relative paths resolve against ``root``)."""
+        p = Path(os.path.expanduser(str(path)))
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    def artifact_path(self, stage: str, domain: str) -> Path:
+        """The folder of one stage's artifact for one domain."""
+        return self.artifacts / stage / domain
+
+
+_TOP_KEYS = {"root", "artifacts", "domains", "validation", "preprocess", "demo"}
+
+
+def load_config(path: str | os.PathLike) -> PipelineConfig:
+    """Load and validate a pipeline config from YAML."""
+    path = Path(path).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; valid keys: {sorted(_TOP_KEYS)}")
+    root = (path.parent / str(raw.get("root", "."))).resolve()
+    where = str(path)
+
+    base_validation = dict(raw.get("validation") or {})
+    _from_dict(ValidationConfig, base_validation, f"{where}: validation")  # fail early on a bad top section
+    domains = []
+    for i, d in enumerate(raw.get("domains") or []):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: domains[{i}] must be a mapping")
+        d = dict(d)
+        dwhere = f"{where}: domains[{i}] ({d.get('name', '?')})"
+        source = _from_dict(SourceConfig, d.pop("source", None), f"{dwhere}.source")
+        validation = _from_dict(ValidationConfig, {**base_validation, **(d.pop("validation", None) or {})}, f"{dwhere}.validation")
+        domains.append(_from_dict(DomainConfig, {**d, "source": source, "validation": validation}, dwhere))
+
+    demo_raw = raw.get("demo")
+    demo = demo_path = None
+    if demo_raw is not None:
+        from mmrec.data.synthetic import DemoConfig
+
+        demo_raw = dict(demo_raw)
+        demo_path = demo_raw.pop("path", "data/demo")
+        try:
+            demo = DemoConfig.from_dict(demo_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: demo: {exc}") from exc
+        demo_path = (root / demo_path).resolve()
+    try:
+        return PipelineConfig(
+            root=root,
+            domains=tuple(domains),
+            artifacts=(root / str(raw.get("artifacts", "artifacts"))).resolve(),
+            preprocess=_from_dict(PreprocessConfig, raw.get("preprocess"), f"{where}: preprocess"),
+            demo=demo,
+            demo_path=demo_path,
+            config_path=path,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
