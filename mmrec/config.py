@@ -202,7 +202,20 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     base_validation = dict(raw.get("validation") or {})
     _from_dict(ValidationConfig, base_validation, f"{where}: validation")  # fail early on a bad top section
     domains = []
-    for i, d in enumerate(raw.get("domains") or []):
+    raw_domains = raw.get("domains") or []
+    if isinstance(raw_domains, dict):
+        # mapping form (name -> spec), used by dvc.yaml's `foreach` to name stages by domain
+        listed = []
+        for name, spec in raw_domains.items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{where}: domains.{name} must be a mapping")
+            if "name" in spec and spec["name"] != name:
+                raise ConfigError(f"{where}: domains.{name} has a different name: {spec['name']!r}")
+            listed.append({"name": name, **spec})
+        raw_domains = listed
+    elif not isinstance(raw_domains, list):
+        raise ConfigError(f"{where}: domains must be a list or a mapping of name -> domain")
+    for i, d in enumerate(raw_domains):
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: domains[{i}] must be a mapping")
         d = dict(d)
