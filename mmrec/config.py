@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 
 def _from_dict(cls, data: dict[str, Any] | None, where: str):
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     data = dict(data or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -131,7 +133,7 @@ class DomainConfig:
     """This domain's validation thresholds (the top-level section merged with the domain's own)."""
 
     def __post_init__(self):
-        if not self.name or not self.name.replace("-", "_").replace(".", "_").isidentifier():
+        if not isinstance(self.name, str) or not self.name or not self.name.replace("-", "_").replace(".", "_").isidentifier():
             raise ValueError(f"domain name must be a simple identifier-like name, got {self.name!r}")
         if self.role not in ("source", "target"):
             raise ValueError(f"domain {self.name!r}: role must be 'source' or 'target', got {self.role!r}")
@@ -199,6 +201,9 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     root = (path.parent / str(raw.get("root", "."))).resolve()
     where = str(path)
 
+    for section in ("validation", "preprocess", "demo"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__} {raw[section]!r}")
     base_validation = dict(raw.get("validation") or {})
     _from_dict(ValidationConfig, base_validation, f"{where}: validation")  # fail early on a bad top section
     domains = []
@@ -211,7 +216,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
                 raise ConfigError(f"{where}: domains.{name} must be a mapping")
             if "name" in spec and spec["name"] != name:
                 raise ConfigError(f"{where}: domains.{name} has a different name: {spec['name']!r}")
-            listed.append({"name": name, **spec})
+            listed.append({**spec, "name": name})
         raw_domains = listed
     elif not isinstance(raw_domains, list):
         raise ConfigError(f"{where}: domains must be a list or a mapping of name -> domain")

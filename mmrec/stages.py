@@ -11,7 +11,9 @@ Each stage reads the exact upstream artifact folder of its domain
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,15 @@ def raw_catalog(cfg: PipelineConfig, domain: str, progress: bool = True) -> Stag
     return StageResult("raw_catalog", d.name, out, catalog_stats(catalog))
 
 
+def _project_relative(catalog: Catalog, cfg: PipelineConfig) -> Catalog:
+    """The catalog with its source file names relative to the project root, as reports show them:
+    readable, and the same on every checkout (so DVC output hashes do not depend on the path)."""
+    from mmrec.data.catalog import SOURCE_PATHS
+
+    src = {k: os.path.relpath(v, cfg.root) if k in SOURCE_PATHS and os.path.isabs(v) else v for k, v in catalog.source.items()}
+    return dataclasses.replace(catalog, source=src)
+
+
 def failed_report_path(cfg: PipelineConfig, domain: str) -> Path:
     """Where a failed validation's report goes: beside the (untouched) validated catalog."""
     return cfg.artifact_path("validated_catalog", domain).with_name(f"{domain}.validation-failed.md")
@@ -64,7 +75,8 @@ def validated_catalog(cfg: PipelineConfig, domain: str, progress: bool = True) -
 
     d = cfg.domain(domain)
     raw = Catalog.read(cfg.artifact_path("raw_catalog", d.name))
-    clean, report, side = validate(raw, d.validation, progress=progress)
+    clean, report, side = validate(_project_relative(raw, cfg), d.validation, progress=progress)
+    clean = dataclasses.replace(clean, source=raw.source)  # absolute again; written relative to the folder
     failed_path = failed_report_path(cfg, d.name)
     if not report.passed:
         report.write(failed_path)

@@ -96,7 +96,7 @@ class Catalog:
             # relative to the catalog folder, so catalog and data can move together
             "images": None if self.images is None
             else {"kind": self.images.kind, "root": os.path.relpath(self.images.root, path.resolve())},
-            "source": self.source,
+            "source": {k: _relative(v, path) if k in SOURCE_PATHS else v for k, v in self.source.items()},
             "counts": {"items": self.items.height, "interactions": self.interactions.height},
         }
         with atomic_dir(path) as tmp:
@@ -133,8 +133,25 @@ class Catalog:
             interactions=pl.read_parquet(path / INTERACTIONS),
             text_fields=list(manifest["text_fields"]),
             images=store,
-            source=manifest.get("source") or {},
+            source={k: _absolute(v, path) if k in SOURCE_PATHS else v for k, v in (manifest.get("source") or {}).items()},
         )
+
+
+SOURCE_PATHS = ("path", "items_file", "interactions_file")
+"""Provenance entries that are paths: stored relative to the catalog folder so that the written
+catalog does not depend on where the project is checked out (DVC hashes stay the same)."""
+
+
+def _relative(value: Any, folder: Path) -> Any:
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.relpath(value, folder.resolve())
+    return value
+
+
+def _absolute(value: Any, folder: Path) -> Any:
+    if isinstance(value, str) and not os.path.isabs(value):
+        return os.path.normpath(folder.resolve() / value)
+    return value
 
 
 def check_schema(df: pl.DataFrame, expected: dict[str, pl.DataType], what: str) -> None:

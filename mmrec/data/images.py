@@ -63,6 +63,8 @@ def _decode(data: bytes, ref: str) -> Image.Image:
         img.load()  # forces a full decode: catches truncated files, not just bad headers
     except UnidentifiedImageError as exc:
         raise ImageError(ref, "corrupt", "not a readable image file") from exc
+    except Image.DecompressionBombError as exc:  # a tiny file claiming a huge canvas
+        raise ImageError(ref, "corrupt", f"refused: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(ref, "corrupt", f"cannot be decoded ({exc})") from exc
     return img.convert("RGB")
@@ -138,18 +140,27 @@ class ImageStore:
         return "ok"
 
 
-_LMDB_ENVS: dict[Path, object] = {}
+_LMDB_ENVS: dict[tuple[Path, int, int], object] = {}
+"""Open read-only environments, keyed by path AND the data file's inode and mtime: a database
+rewritten at the same path (``write_lmdb`` renames a new folder into place) is opened afresh
+by long-running processes such as the Dagster daemon."""
 
 
 def _lmdb_get(root: Path, ref: str) -> bytes:
     import lmdb
 
-    env = _LMDB_ENVS.get(root)
+    data_file = root / "data.mdb" if root.is_dir() else root
+    try:
+        st = data_file.stat()
+    except FileNotFoundError:
+        raise ImageError(ref, "missing", f"LMDB not found: {root}") from None
+    key = (root, st.st_ino, st.st_mtime_ns)
+    env = _LMDB_ENVS.get(key)
     if env is None:
-        if not root.exists():
-            raise ImageError(ref, "missing", f"LMDB not found: {root}")
+        for stale in [k for k in _LMDB_ENVS if k[0] == root]:
+            _LMDB_ENVS.pop(stale).close()
         env = lmdb.open(str(root), readonly=True, lock=False, readahead=False, subdir=root.is_dir())
-        _LMDB_ENVS[root] = env
+        _LMDB_ENVS[key] = env
     with env.begin() as txn:
         data = txn.get(ref.encode("utf-8"))
     if data is None:

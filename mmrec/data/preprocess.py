@@ -35,7 +35,8 @@ class Preprocessed:
 
 
 def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
-    inter = catalog.interactions
+    # most recent last: sort here rather than trust the caller (ties keep their source order)
+    inter = catalog.interactions.sort(["user_id", "timestamp"], maintain_order=True)
     lengths = inter.group_by("user_id").len()
     keep_users = lengths.filter(pl.col("len") >= cfg.min_seq_len)["user_id"]
     if keep_users.len() == 0:
@@ -50,7 +51,9 @@ def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
     user_map = inter.select(pl.col("user_id").unique().sort()).with_row_index("user_idx")
     item_map = item_map.with_columns(pl.col("item_idx").cast(pl.Int64))
     user_map = user_map.with_columns(pl.col("user_idx").cast(pl.Int64))
-    inter = inter.join(user_map, on="user_id", how="left").join(item_map, on="item_id", how="left")
+    inter = inter.join(user_map, on="user_id", how="left", maintain_order="left").join(
+        item_map, on="item_id", how="left", maintain_order="left"
+    )
     inter = inter.sort(["user_idx", "timestamp"], maintain_order=True)
 
     seqs = inter.group_by("user_idx", maintain_order=True).agg(pl.col("item_idx").alias("seq"))

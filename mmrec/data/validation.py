@@ -341,6 +341,17 @@ def catalog_stats(catalog: Catalog, tables: dict[str, pl.DataFrame] | None = Non
     }
 
 
+def _reason_of(column: str, reasons: dict) -> pl.Expr:
+    """``reasons[value]`` for each value of ``column`` (null when absent), always a String column.
+
+    polars 2.1 cannot ``replace_strict`` with an empty mapping, and on an empty frame returns the
+    input dtype whatever ``return_dtype`` says; both break concatenating the side tables.
+    """
+    if not reasons:
+        return pl.lit(None, dtype=pl.String)
+    return pl.col(column).replace_strict(reasons, default=None, return_dtype=pl.String)
+
+
 def _quarantine(catalog: Catalog, tables: dict[str, pl.DataFrame], outcomes: list[Outcome], cfg: ValidationConfig):
     """Move the rows of failed row-level expectations aside. Returns (clean catalog, side tables)."""
     items, inter = tables["items"], tables["interactions"]
@@ -371,7 +382,7 @@ def _quarantine(catalog: Catalog, tables: dict[str, pl.DataFrame], outcomes: lis
         if not items["has_text"][r] and r not in item_reason:
             item_reason[r] = reason
     side_items = items.filter(pl.col("_rid").is_in(list(item_reason) + list(drop_image))).with_columns(
-        pl.col("_rid").replace_strict({**drop_image, **item_reason}, return_dtype=pl.String).alias("reason"),
+        _reason_of("_rid", {**drop_image, **item_reason}).alias("reason"),
         pl.col("_rid").is_in(list(item_reason)).alias("removed"),
     )
     keep_items = items.filter(~pl.col("_rid").is_in(list(item_reason))).with_columns(
@@ -380,12 +391,12 @@ def _quarantine(catalog: Catalog, tables: dict[str, pl.DataFrame], outcomes: lis
     # Cascade: interactions of removed items, then users left too short.
     kept_ids = keep_items["item_id"].drop_nulls().implode()
     inter = inter.with_columns(
-        pl.col("_rid").replace_strict(inter_reason, default=None, return_dtype=pl.String).alias("reason")
+        _reason_of("_rid", inter_reason).alias("reason")
     ).with_columns(
         pl.when(pl.col("reason").is_null() & ~pl.col("item_id").is_in(kept_ids))
         .then(pl.lit("interactions: item was quarantined")).otherwise(pl.col("reason")).alias("reason")
     ).with_columns(
-        pl.when(pl.col("reason").is_null()).then(pl.col("user_id").replace_strict(bad_users, default=None, return_dtype=pl.String))
+        pl.when(pl.col("reason").is_null()).then(_reason_of("user_id", bad_users))
         .otherwise(pl.col("reason")).alias("reason")
     )
     counts = inter.filter(pl.col("reason").is_null()).group_by("user_id").len()

@@ -1,0 +1,63 @@
+"""The CLI: one command per stage, clear errors with exit status 2, stats table."""
+
+import subprocess
+import sys
+
+import yaml
+
+from mmrec import cli, stages
+from tests.conftest import REPO, edit_csv
+from tests.test_stages import _config
+
+
+def test_one_command_per_stage():
+    parser = cli.build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001
+    for stage in stages.STAGES:
+        assert stage in commands and stage.replace("_", "-") in commands
+    assert {"demo_data", "run", "stats"} <= commands
+
+
+def test_help_runs_as_a_program():
+    out = subprocess.run([sys.executable, "-m", "mmrec", "--help"], cwd=REPO, capture_output=True, text=True, check=True)
+    for stage in stages.STAGES:
+        assert stage in out.stdout
+
+
+def test_run_then_stats(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert cli.main(["run", "--config", str(cfg), "-q"]) == 0
+    assert cli.main(["stats", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, row = out[-3], out[-1]
+    assert header.split()[:4] == ["domain", "users", "items", "interactions"]
+    assert row.split()[:4] == ["shop", "5", "12", "30"]
+    assert "kept" in header
+
+
+def test_bad_input_exits_2_naming_the_file_and_row(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    edit_csv(tmp_path / "raw" / "shop" / "items.csv", lambda rows: [r[:1] + r[2:] for r in rows])  # drop 'title'
+    assert cli.main(["raw_catalog", "--config", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "items.csv" in err and "title" in err
+
+
+def test_unknown_domain_and_missing_config(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert cli.main(["raw_catalog", "--config", str(cfg), "--domain", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main(["stats", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml" in capsys.readouterr().err
+
+
+def test_demo_data_command(tmp_path, capsys):
+    cfg = {"root": ".", "demo": {"path": "data/demo", "seed": 3, "domains": ["a", "b"], "n_users": 12,
+                                 "n_items": 16, "min_seq_len": 6, "max_seq_len": 8},
+           "domains": {"a": {"source": {"format": "tabular", "path": "data/demo/a"}}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["demo_data", "--config", str(path), "-q"]) == 0
+    assert (tmp_path / "data" / "demo" / "a" / "items.csv").is_file()
+    assert (tmp_path / "data" / "demo" / "b" / "interactions.csv").is_file()
+    assert "a: 12 users, 16 items" in capsys.readouterr().out

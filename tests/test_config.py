@@ -1,0 +1,354 @@
+"""Pipeline config: YAML -> typed sections, validation merged per domain, strict keys, paths."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mmrec.config import ConfigError, PipelineConfig, PreprocessConfig, ValidationConfig, load_config
+from mmrec.data.synthetic import DemoConfig
+from tests.conftest import REPO
+
+SOURCE = {"format": "tabular", "path": "data/x"}
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / "configs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+LIST_FORM = """\
+    root: ..
+    artifacts: out/arts
+    validation:
+      on_error: quarantine
+      min_text_share: 0.5
+    preprocess:
+      min_seq_len: 4
+      max_seq_len: 7
+    domains:
+      - name: books
+        role: source
+        source: {format: tabular, path: data/books, options: {text: [title]}}
+      - name: films
+        source: {format: movielens, path: /abs/films}
+        validation:
+          min_text_share: 0.9
+          check_images: false
+"""
+
+MAPPING_FORM = """\
+    root: ..
+    domains:
+      books:
+        role: source
+        source: {format: tabular, path: data/books}
+      films:
+        role: target
+        source: {format: tabular, path: data/films}
+        validation: {min_image_share: 0.25}
+"""
+
+
+def test_list_form_loads_domains_sections_and_paths(tmp_path):
+    path = _write(tmp_path, LIST_FORM)
+    cfg = load_config(path)
+
+    assert cfg.config_path == path.resolve()
+    assert cfg.root == tmp_path.resolve()  # `..` from configs/
+    assert cfg.artifacts == tmp_path.resolve() / "out" / "arts"
+    assert cfg.preprocess == PreprocessConfig(min_seq_len=4, max_seq_len=7)
+    assert cfg.preprocess.keep_last == 10
+    assert [d.name for d in cfg.domains] == ["books", "films"]
+    books, films = cfg.domains
+    assert (books.role, films.role) == ("source", "target")  # role defaults to target
+    assert books.source.format == "tabular"
+    assert books.source.options == {"text": ["title"]}
+    assert films.source.options == {}
+    assert cfg.demo is None and cfg.demo_path is None
+
+
+def test_top_level_validation_is_merged_with_domain_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, LIST_FORM))
+    books, films = cfg.domains
+    # books has no section of its own: the top-level one, other fields at their defaults
+    assert books.validation == ValidationConfig(on_error="quarantine", min_text_share=0.5)
+    # films overrides one top-level key and one default, keeps the other top-level key
+    assert films.validation == ValidationConfig(on_error="quarantine", min_text_share=0.9, check_images=False)
+
+
+def test_mapping_form_uses_keys_as_names(tmp_path):
+    cfg = load_config(_write(tmp_path, MAPPING_FORM))
+    assert [d.name for d in cfg.domains] == ["books", "films"]
+    assert cfg.domain("books").role == "source"
+    assert cfg.domain("films").source.path == "data/films"
+    assert cfg.domain("films").validation == ValidationConfig(min_image_share=0.25)
+    assert cfg.domain("books").validation == ValidationConfig()
+    assert cfg.artifacts == tmp_path.resolve() / "artifacts"  # default artifacts folder
+    assert cfg.preprocess == PreprocessConfig()
+
+
+def test_mapping_form_name_must_match_key(tmp_path):
+    same = _write(tmp_path, "domains:\n  books: {name: books, source: {format: t, path: p}}\n", "same.yaml")
+    assert load_config(same).domains[0].name == "books"
+    other = _write(tmp_path, "domains:\n  books: {name: films, source: {format: t, path: p}}\n")
+    with pytest.raises(ConfigError, match=r"domains\.books has a different name: 'films'"):
+        load_config(other)
+
+
+def test_mapping_form_spec_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match=r"domains\.books must be a mapping"):
+        load_config(_write(tmp_path, "domains:\n  books: [1, 2]\n"))
+
+
+def test_domains_of_another_type_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="domains must be a list or a mapping"):
+        load_config(_write(tmp_path, "domains: books\n"))
+    with pytest.raises(ConfigError, match=r"domains\[0\] must be a mapping"):
+        load_config(_write(tmp_path, "domains: [books]\n"))
+
+
+def test_no_domain_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="at least one domain is required"):
+        load_config(_write(tmp_path, "root: .\n"))
+
+
+def test_root_is_relative_to_the_config_folder_and_resolve_uses_it(tmp_path):
+    path = _write(tmp_path, "root: ../proj\nartifacts: a\ndomains: [{name: d, source: {format: t, path: p}}]\n")
+    cfg = load_config(path)
+    proj = (tmp_path / "proj").resolve()
+    assert cfg.root == proj
+    assert cfg.artifacts == proj / "a"
+    assert cfg.resolve("data/x") == proj / "data" / "x"
+    assert cfg.resolve("data/../y") == proj / "y"
+    assert cfg.resolve("/abs/z") == Path("/abs/z")  # absolute paths are kept
+    assert cfg.artifact_path("raw_catalog", "d") == proj / "a" / "raw_catalog" / "d"
+
+
+def test_root_defaults_to_the_config_folder(tmp_path):
+    cfg = load_config(_write(tmp_path, "domains: [{name: d, source: {format: t, path: p}}]\n"))
+    assert cfg.root == (tmp_path / "configs").resolve()
+
+
+def test_relative_config_path_is_resolved(tmp_path, monkeypatch):
+    _write(tmp_path, "root: ..\ndomains: [{name: d, source: {format: t, path: p}}]\n")
+    monkeypatch.chdir(tmp_path / "configs")
+    cfg = load_config("cfg.yaml")
+    assert cfg.config_path == (tmp_path / "configs" / "cfg.yaml").resolve()
+    assert cfg.root == tmp_path.resolve()
+
+
+# -- unknown keys, at every level, name the bad key and list the valid ones
+UNKNOWN = {
+    "top": ("domains: [{name: d, source: {format: t, path: p}}]\nvalidaton: {}\n",
+            r"unknown top-level key\(s\) \['validaton'\]; valid keys: \['artifacts', 'demo', 'domains', "
+            r"'preprocess', 'root', 'validation'\]"),
+    "top-validation": ("validation: {on_eror: fail}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
+                       r"validation: unknown key\(s\) \['on_eror'\]; valid keys: \[.*'on_error'.*\]"),
+    "preprocess": ("preprocess: {max_len: 3}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
+                   r"preprocess: unknown key\(s\) \['max_len'\]; valid keys: \['max_seq_len', 'min_seq_len'\]"),
+    "domain": ("domains: [{name: d, rol: source, source: {format: t, path: p}}]\n",
+               r"domains\[0\] \(d\): unknown key\(s\) \['rol'\]; valid keys: \['name', 'role', 'source', 'validation'\]"),
+    "domain-mapping": ("domains: {d: {rol: source, source: {format: t, path: p}}}\n",
+                       r"domains\[0\] \(d\): unknown key\(s\) \['rol'\]"),
+    "source": ("domains: [{name: d, source: {format: t, path: p, opts: {}}}]\n",
+               r"domains\[0\] \(d\)\.source: unknown key\(s\) \['opts'\]; valid keys: \['format', 'options', 'path'\]"),
+    "domain-validation": ("domains: [{name: d, source: {format: t, path: p}, validation: {min_txt_share: 1}}]\n",
+                          r"domains\[0\] \(d\)\.validation: unknown key\(s\) \['min_txt_share'\]; "
+                          r"valid keys: \[.*'min_text_share'.*\]"),
+    "demo": ("demo: {n_user: 3}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
+             r"demo: DemoConfig: unknown key\(s\) \['n_user'\]; valid keys: \[.*'n_users'.*\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN))
+def test_unknown_keys_are_rejected_with_the_valid_keys(tmp_path, case):
+    text, pattern = UNKNOWN[case]
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, text))
+
+
+# -- bad values
+BAD_VALUES = {
+    "on_error": ("validation: {on_error: ignore}\n", r"on_error must be 'fail' or 'quarantine', got 'ignore'"),
+    "text-share-above-1": ("validation: {min_text_share: 1.5}\n", r"min_text_share must be in \[0, 1\], got 1.5"),
+    "image-share-below-0": ("validation: {min_image_share: -0.1}\n", r"min_image_share must be in \[0, 1\], got -0.1"),
+    "min-user-interactions": ("validation: {min_user_interactions: 2}\n", r"min_user_interactions must be >= 3"),
+    "max-below-min": ("validation: {min_user_interactions: 5, max_user_interactions: 4}\n",
+                      "max_user_interactions must be >= min_user_interactions"),
+    "sample-rows": ("validation: {sample_rows: 0}\n", "sample_rows must be >= 1"),
+    "min_seq_len": ("preprocess: {min_seq_len: 2}\n", r"min_seq_len must be >= 3 .* got 2"),
+    "max_seq_len": ("preprocess: {max_seq_len: 0}\n", r"max_seq_len must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_top_level_values_are_rejected(tmp_path, case):
+    text, pattern = BAD_VALUES[case]
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, text + "domains: [{name: d, source: {format: t, path: p}}]\n"))
+
+
+def test_bad_value_in_a_domain_override_names_the_domain(tmp_path):
+    text = """\
+        domains:
+          - {name: ok, source: {format: t, path: p}}
+          - {name: bad, source: {format: t, path: p}, validation: {min_image_share: 2}}
+    """
+    with pytest.raises(ConfigError, match=r"domains\[1\] \(bad\)\.validation: min_image_share must be in \[0, 1\]"):
+        load_config(_write(tmp_path, text))
+
+
+def test_bad_top_level_value_fails_even_if_every_domain_overrides_it(tmp_path):
+    # the top-level section is checked on its own first, so a domain cannot hide a bad default
+    text = """\
+        validation: {on_error: ignore}
+        domains: [{name: d, source: {format: t, path: p}, validation: {on_error: fail}}]
+    """
+    with pytest.raises(ConfigError, match=r"cfg.yaml: validation: on_error must be"):
+        load_config(_write(tmp_path, text))
+
+
+def test_duplicate_domain_names_are_rejected(tmp_path):
+    text = """\
+        domains:
+          - {name: a, source: {format: t, path: p}}
+          - {name: b, source: {format: t, path: p}}
+          - {name: a, source: {format: t, path: q}}
+    """
+    with pytest.raises(ConfigError, match=r"duplicate domain names: \['a'\]"):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("role", ["pretrain", "Source", ""])
+def test_role_must_be_source_or_target(tmp_path, role):
+    text = f"domains: [{{name: d, role: '{role}', source: {{format: t, path: p}}}}]\n"
+    with pytest.raises(ConfigError, match=rf"role must be 'source' or 'target', got '{role}'"):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "../x"])
+def test_domain_name_must_be_identifier_like(tmp_path, name):
+    text = f"domains: [{{name: '{name}', source: {{format: t, path: p}}}}]\n"
+    with pytest.raises(ConfigError, match="domain name must be a simple identifier-like name"):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("source, pattern", [
+    (None, r"\.source: .*missing .*'format'"),
+    ("{format: t}", r"\.source: .*missing .*'path'"),
+    ("{format: '', path: p}", "source.format is required"),
+    ("{format: t, path: ''}", "source.path is required"),
+])
+def test_source_needs_format_and_path(tmp_path, source, pattern):
+    spec = "{name: d}" if source is None else f"{{name: d, source: {source}}}"
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, f"domains: [{spec}]\n"))
+
+
+def test_unknown_domain_lookup_lists_the_configured_ones(tmp_path):
+    cfg = load_config(_write(tmp_path, MAPPING_FORM))
+    with pytest.raises(ConfigError, match=r"unknown domain 'music'; configured domains: \['books', 'films'\]"):
+        cfg.domain("music")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(_write(tmp_path, "domains: [unclosed\n"))
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", ""])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(_write(tmp_path, text))
+
+
+def test_demo_section_becomes_a_demo_config_and_path(tmp_path):
+    text = """\
+        root: ..
+        demo:
+          path: raw/demo
+          seed: 3
+          domains: [a, b]
+          n_users: [4, 5]
+          n_items: 10
+        domains: [{name: a, source: {format: tabular, path: raw/demo/a}}]
+    """
+    cfg = load_config(_write(tmp_path, text))
+    assert isinstance(cfg.demo, DemoConfig)
+    assert cfg.demo.seed == 3
+    assert cfg.demo.domains == ("a", "b")  # YAML lists become tuples
+    assert cfg.demo.n_users == (4, 5)
+    assert cfg.demo.n_items == 10
+    assert cfg.demo.n_categories == DemoConfig().n_categories  # defaults kept
+    assert cfg.demo_path == tmp_path.resolve() / "raw" / "demo"
+
+
+def test_demo_path_defaults_to_data_demo(tmp_path):
+    cfg = load_config(_write(tmp_path, "root: ..\ndemo: {seed: 1}\ndomains: [{name: d, source: {format: t, path: p}}]\n"))
+    assert cfg.demo == DemoConfig(seed=1)
+    assert cfg.demo_path == tmp_path.resolve() / "data" / "demo"
+
+
+def test_bad_demo_value_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"demo: .*n_users"):
+        load_config(_write(tmp_path, "demo: {n_users: 0}\ndomains: [{name: d, source: {format: t, path: p}}]\n"))
+
+
+def test_pipeline_config_rejects_duplicates_directly():
+    from mmrec.config import DomainConfig, SourceConfig
+
+    d = DomainConfig("a", SourceConfig(**SOURCE))
+    with pytest.raises(ValueError, match=r"duplicate domain names: \['a'\]"):
+        PipelineConfig(root=Path("/r"), domains=(d, d), artifacts=Path("/r/a"))
+
+
+def test_non_string_domain_name_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, "domains: {2024: {source: {format: t, path: p}}}\n"))
+
+
+@pytest.mark.parametrize("section", ["validation: 5", "preprocess: 5", "demo: 5"])
+def test_section_of_the_wrong_type_is_a_config_error(tmp_path, section):
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, f"{section}\ndomains: [{{name: d, source: {{format: t, path: p}}}}]\n"))
+
+
+# -- the configs shipped in the repository
+def test_repo_demo_config_loads():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.root == REPO.resolve()
+    assert cfg.artifacts == REPO.resolve() / "artifacts" / "demo"
+    assert [(d.name, d.role) for d in cfg.domains] == [("books", "source"), ("music", "source"), ("films", "target")]
+    assert all(d.source.format == "tabular" for d in cfg.domains)
+    assert cfg.domain("films").source.path == "data/demo/films"
+    assert cfg.demo is not None and cfg.demo.domains == ("books", "music", "films")
+    assert cfg.demo_path == REPO.resolve() / "data" / "demo"
+    assert cfg.domain("books").validation.min_text_share == 0.7
+    assert cfg.domain("books").validation.min_image_share == 0.6
+    assert cfg.preprocess == PreprocessConfig(min_seq_len=5, max_seq_len=20)
+
+
+def test_repo_real_config_loads():
+    cfg = load_config(REPO / "configs" / "real.yaml")
+    assert cfg.root == REPO.resolve()
+    assert [(d.name, d.role, d.source.format) for d in cfg.domains] == [
+        ("amazon_instrument", "source", "ninerec"),
+        ("movielens_100k", "target", "movielens"),
+    ]
+    assert cfg.demo is None
+    movies = cfg.domain("movielens_100k")
+    assert movies.validation.min_image_share == 0.9
+    assert movies.validation.min_text_share == 0.99
+    assert movies.validation.check_images is True  # from the top-level section
+    assert cfg.domain("amazon_instrument").validation.min_image_share == 0.0
+    assert cfg.resolve(movies.source.path) == (REPO.parent / "shared" / "datasets" / "movielens-100k").resolve()

@@ -1,0 +1,104 @@
+"""Stages: each writes its artifact atomically under <artifacts>/<stage>/<domain>; a failing
+validation leaves earlier output intact and writes a report beside it."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from mmrec import stages
+from mmrec.config import load_config
+from mmrec.data.validation import ValidationError
+from tests.conftest import edit_csv, write_tabular
+
+
+def _config(tmp_path: Path, validation: dict | None = None) -> Path:
+    write_tabular(tmp_path / "raw" / "shop")
+    cfg = {
+        "root": ".",
+        "artifacts": "art",
+        "validation": {"min_text_share": 0.5, **(validation or {})},
+        "preprocess": {"min_seq_len": 5, "max_seq_len": 2},
+        "domains": {"shop": {"role": "target", "source": {
+            "format": "tabular", "path": "raw/shop", "options": {"text": ["title", "description"]}}}},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith("."))
+
+
+def test_stage_names_are_the_artifact_chain():
+    assert stages.STAGES[:2] == ("raw_catalog", "validated_catalog")
+    assert tuple(stages.STAGE_FUNCTIONS) == stages.STAGES
+
+
+def test_raw_then_validated_catalog(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    raw = stages.raw_catalog(cfg, "shop", progress=False)
+    assert raw.path == tmp_path / "art" / "raw_catalog" / "shop"
+    assert raw.metadata["users"] == 5 and raw.metadata["items"] == 12 and raw.metadata["interactions"] == 30
+
+    res = stages.validated_catalog(cfg, "shop", progress=False)
+    out = tmp_path / "art" / "validated_catalog" / "shop"
+    assert res.path == out
+    assert {p.name for p in out.iterdir()} >= {
+        "catalog", "item_map.parquet", "user_map.parquet", "splits.parquet", "validation.md", "stats.json"}
+    splits = pl.read_parquet(out / "splits.parquet")
+    # L=2: each user keeps the last L+3 = 5 interactions -> 3 training items, 1 valid, 1 test
+    assert splits.height == 5
+    assert splits["train"].list.len().to_list() == [3] * 5
+    assert res.metadata["after_preprocess"]["interactions"] == 25
+    assert stages.read_stats(cfg, "shop")["after_preprocess"] == res.metadata["after_preprocess"]
+    assert "passed" in (out / "validation.md").read_text().lower()
+    assert _leftovers(tmp_path / "art") == []
+
+
+def test_failed_validation_keeps_earlier_output(tmp_path):
+    cfg_path = _config(tmp_path)
+    cfg = load_config(cfg_path)
+    stages.raw_catalog(cfg, "shop", progress=False)
+    good = stages.validated_catalog(cfg, "shop", progress=False).path
+    before = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
+
+    # new raw data with an interaction pointing at an unknown item
+    edit_csv(tmp_path / "raw" / "shop" / "interactions.csv", lambda rows: rows + [["u0", "ghost", "99999"]])
+    stages.raw_catalog(cfg, "shop", progress=False)
+    with pytest.raises(ValidationError) as err:
+        stages.validated_catalog(cfg, "shop", progress=False)
+    assert "interactions.csv" in str(err.value)
+
+    after = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    assert after == before  # the earlier validated catalog is untouched
+    report = stages.failed_report_path(cfg, "shop")
+    assert report.is_file() and "ghost" in report.read_text()
+    assert _leftovers(tmp_path / "art") == []
+
+    # fixing the data clears the failure report
+    edit_csv(tmp_path / "raw" / "shop" / "interactions.csv", lambda rows: rows[:-1])
+    stages.raw_catalog(cfg, "shop", progress=False)
+    stages.validated_catalog(cfg, "shop", progress=False)
+    assert not report.exists()
+
+
+def test_quarantine_mode_continues_with_counts(tmp_path):
+    cfg = load_config(_config(tmp_path, {"on_error": "quarantine"}))
+    edit_csv(tmp_path / "raw" / "shop" / "interactions.csv", lambda rows: rows + [["u0", "ghost", "99999"]])
+    stages.raw_catalog(cfg, "shop", progress=False)
+    res = stages.validated_catalog(cfg, "shop", progress=False)
+    assert res.metadata["quarantined"]  # counts reported
+    side = res.path / "quarantine"
+    assert side.is_dir()
+    inter = pl.read_parquet(side / "interactions.parquet")
+    assert inter.filter(pl.col("item_id") == "ghost").height == 1
+    assert res.metadata["after_preprocess"]["interactions"] == 25  # the bad row is gone, the rest kept
+
+
+def test_validated_catalog_needs_raw_catalog(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    with pytest.raises(Exception, match="raw_catalog"):
+        stages.validated_catalog(cfg, "shop", progress=False)
