@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+SHARED = Path(os.environ.get("MMREC_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+"""The real shared datasets (read in place); tests using them skip when absent."""
 
 
 def write_tabular(root: Path, n_items: int = 12, n_users: int = 5, seq_len: int = 6, images: bool = True) -> Path:

@@ -79,3 +79,19 @@ def test_dvc_repro_on_a_clean_copy(demo_data):
         fh.write("\n# a code change\n")
     status = dvc(proj, "status")
     assert "validated_catalog@films" in status and "raw_catalog@films" not in status
+
+
+def test_committed_lock_matches_the_code():
+    """dvc.lock records the md5 of every library file a stage depends on; a stale lock means
+    someone changed the code without re-running `dvc repro` (a fresh clone would re-run it)."""
+    import hashlib
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    stale = set()
+    for stage in lock.values():
+        for dep in stage["deps"]:
+            path = REPO / dep["path"]
+            if path.is_file() and dep["path"].endswith(".py"):
+                if hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                    stale.add(dep["path"])
+    assert not stale, f"dvc.lock is stale for {sorted(stale)}: run `make demo` (or `dvc repro`) and commit dvc.lock"

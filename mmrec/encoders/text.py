@@ -140,7 +140,8 @@ class AttentionPooling(nn.Module):
     def __init__(self, hidden: int, dim: int):
         super().__init__()
         self.proj = nn.Linear(hidden, dim)
-        self.score = nn.Linear(dim, 1)
+        # no bias: softmax over tokens is shift-invariant, so a bias would never get a gradient
+        self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         scores = self.score(torch.tanh(self.proj(tokens))).squeeze(-1)  # (B, T)

@@ -1,0 +1,286 @@
+"""Item towers: item content -> item vector ``(M, d)``. A registry, picked by name in config.
+
+Reference
+    TransRec (mixture-of-modality feedback: each item is routed to the encoder of its modality and
+    the results are scattered back into order) and PMMRec (text and image token states, projected
+    to d and fused). MoRec/NineRec's ID-based SASRec is the ``id`` baseline.
+
+Towers never see raw files. They read an ``ItemContent``: for every catalog row (item_idx 0..N,
+row 0 = padding) either the *cached* output of each encoder's frozen bottom
+(``mmrec.encoders.cache``) or the *raw* encoder inputs (token ids, uint8 pixels), in which case
+the tower runs the frozen bottom itself (end-to-end). Both give the same vectors; the cache only
+saves the frozen compute. The trained top layers, pooling, projections and fusion always run here.
+
+Registry ``ITEM_TOWERS``:
+    ``id``     ID embedding (baseline; not transferable: no content)
+    ``text``   text encoder -> pooling -> Linear(H, d)
+    ``image``  image encoder -> pooled -> Linear(C, d)
+    ``mom``    TransRec: each item through the encoder of its modality; items with both use
+               ``mom_both`` (text | image | mean)
+    ``fused``  PMMRec: text tokens and image tokens projected to d, then a fusion module
+               (``mmrec.models.fusion.FUSIONS``); missing modalities are masked by the fusion
+Items lacking the tower's single modality (``text`` tower, image-only item) get the projection of
+a zero vector: one shared "no content" vector, which is all a content model can know about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmrec.encoders.image import ImageEncoder, ImageEncoderConfig
+from mmrec.encoders.text import TextEncoder, TextEncoderConfig
+from mmrec.models.fusion import FusionConfig, build_fusion
+
+MOM_BOTH = ("text", "image", "mean")
+
+
+@dataclass(frozen=True)
+class ItemTowerConfig:
+    """Which item tower and how it combines modalities (section ``model.item_tower``)."""
+
+    name: str = "fused"
+    """A key of ``ITEM_TOWERS``: id, text, image, mom, fused."""
+    mom_both: str = "text"
+    """``mom`` tower: the encoder for items that have text and image (text | image | mean)."""
+    dropout: float = 0.1
+    """Dropout on the item vector."""
+
+    def __post_init__(self):
+        if self.name not in ITEM_TOWERS:
+            raise ValueError(f"unknown item tower {self.name!r}; valid names: {sorted(ITEM_TOWERS)}")
+        if self.mom_both not in MOM_BOTH:
+            raise ValueError(f"item_tower.mom_both must be one of {MOM_BOTH}, got {self.mom_both!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"item_tower.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return TOWER_MODALITIES[self.name]
+
+
+@dataclass
+class ItemContent:
+    """Per-item encoder inputs for a whole catalog (row ``i`` = item_idx ``i``; row 0 = padding).
+
+    ``text`` holds either ``hidden (N+1, T, H)`` + ``mask (N+1, T)`` (cached bottom output) or
+    ``input_ids`` + ``attention_mask`` (raw). ``image`` holds ``hidden (N+1, C, h, w)`` (cached,
+    top blocks trained), ``tokens (N+1, g*g, C)`` + ``pooled (N+1, C)`` (cached, everything
+    frozen) or ``pixels (N+1, 3, S, S)`` uint8 (raw). Absent modalities are ``None``.
+    """
+
+    n_items: int
+    has_text: torch.Tensor
+    has_image: torch.Tensor
+    text: dict[str, torch.Tensor] | None = None
+    image: dict[str, torch.Tensor] | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("has_text", "has_image"):
+            t = getattr(self, name)
+            if t.shape != (self.n_items + 1,):
+                raise ValueError(f"ItemContent.{name} must have shape ({self.n_items + 1},), got {tuple(t.shape)}")
+            t[0] = False  # padding has no content
+
+    def rows(self, modality: str, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        src = getattr(self, modality)
+        if src is None:
+            raise ValueError(f"the item tower needs {modality} content, but none was provided")
+        return {k: v[idx] for k, v in src.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Modality paths: content rows -> tokens (M, T, d) + mask + pooled (M, d)
+
+class TextPath(nn.Module):
+    """Text encoder top layers + pooling + projection to d."""
+
+    def __init__(self, cfg: TextEncoderConfig, dim: int):
+        super().__init__()
+        self.encoder = TextEncoder(cfg)
+        self.proj = nn.Linear(self.encoder.hidden_size, dim)
+
+    def forward(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "hidden" in rows:
+            hidden, mask = rows["hidden"].float(), rows["mask"].long()  # (M, T, H)
+        else:
+            mask = rows["attention_mask"].long()
+            hidden = self.encoder.bottom(rows["input_ids"], mask)  # (M, T, H)
+        tokens = self.encoder.top(hidden, mask)  # (M, T, H)
+        pooled = self.encoder.pool(tokens, mask)  # (M, H)
+        return self.proj(tokens), mask.bool(), self.proj(pooled)  # (M, T, d), (M, T), (M, d)
+
+
+class ImagePath(nn.Module):
+    """Image encoder top blocks + spatial tokens + projection to d."""
+
+    def __init__(self, cfg: ImageEncoderConfig, dim: int):
+        super().__init__()
+        self.encoder = ImageEncoder(cfg)
+        self.proj = nn.Linear(self.encoder.out_dim, dim)
+        mean, std = self.encoder.normalization
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if "tokens" in rows:
+            tokens, pooled = rows["tokens"].float(), rows["pooled"].float()  # (M, g*g, C), (M, C)
+        else:
+            if "pixels" in rows:
+                pixels = (rows["pixels"].float() / 255.0 - self.mean) / self.std  # (M, 3, S, S)
+                hidden = self.encoder.bottom(pixels)
+            else:
+                hidden = rows["hidden"].float()  # (M, C', h, w)
+            tokens, pooled = self.encoder.top(hidden)  # (M, g*g, C), (M, C)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return self.proj(tokens), mask, self.proj(pooled)
+
+
+# --------------------------------------------------------------------------------------------
+# Towers
+
+class ItemTower(nn.Module):
+    """Base: ``forward(content, idx (M,)) -> (M, d)``; ``modality_vectors`` for NICL."""
+
+    def __init__(self, cfg: ItemTowerConfig, dim: int):
+        super().__init__()
+        self.cfg, self.dim = cfg, dim
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, content: ItemContent, idx: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.encode(content, idx))
+
+    def encode(self, content: ItemContent, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def modality_vectors(self, content: ItemContent, idx: torch.Tensor):
+        """``(text (M, d), image (M, d), has_text (M,), has_image (M,))`` or None (single-modality towers)."""
+        return None
+
+
+class IDTower(ItemTower):
+    def __init__(self, cfg: ItemTowerConfig, dim: int, n_items: int, **_):
+        super().__init__(cfg, dim)
+        self.embedding = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def encode(self, content: ItemContent, idx: torch.Tensor) -> torch.Tensor:
+        if content.n_items + 1 != self.embedding.num_embeddings:
+            raise ValueError(
+                f"ID tower was built for {self.embedding.num_embeddings - 1} items, the catalog has {content.n_items}: "
+                "ID embeddings do not transfer across catalogs"
+            )
+        return self.embedding(idx)  # (M, d)
+
+
+class TextTower(ItemTower):
+    def __init__(self, cfg: ItemTowerConfig, dim: int, text_encoder: TextEncoderConfig, **_):
+        super().__init__(cfg, dim)
+        self.text = TextPath(text_encoder, dim)
+
+    def encode(self, content, idx):
+        _, _, pooled = _run_path(self.text, content, "text", idx)
+        return torch.where(content.has_text[idx].unsqueeze(-1), pooled, self.text.proj.bias)
+
+
+class ImageTower(ItemTower):
+    def __init__(self, cfg: ItemTowerConfig, dim: int, image_encoder: ImageEncoderConfig, **_):
+        super().__init__(cfg, dim)
+        self.image = ImagePath(image_encoder, dim)
+
+    def encode(self, content, idx):
+        _, _, pooled = _run_path(self.image, content, "image", idx)
+        return torch.where(content.has_image[idx].unsqueeze(-1), pooled, self.image.proj.bias)
+
+
+class MoMTower(ItemTower):
+    """TransRec: route each item to its modality's encoder; only the items of a modality run it."""
+
+    def __init__(self, cfg: ItemTowerConfig, dim: int, text_encoder: TextEncoderConfig, image_encoder: ImageEncoderConfig, **_):
+        super().__init__(cfg, dim)
+        self.text = TextPath(text_encoder, dim)
+        self.image = ImagePath(image_encoder, dim)
+
+    def encode(self, content, idx):
+        has_t, has_v = content.has_text[idx], content.has_image[idx]
+        both = has_t & has_v
+        use_t = has_t & ~(both & (self.cfg.mom_both == "image"))
+        use_v = has_v & ~(both & (self.cfg.mom_both == "text"))
+        out = torch.zeros(idx.shape[0], self.dim, device=idx.device)  # (M, d)
+        weight = torch.where(both & (self.cfg.mom_both == "mean"), 0.5, 1.0).unsqueeze(-1)
+        if use_t.any():
+            sel = use_t.nonzero(as_tuple=True)[0]
+            out = out.index_add(0, sel, self.text(content.rows("text", idx[sel]))[2] * weight[sel])
+        if use_v.any():
+            sel = use_v.nonzero(as_tuple=True)[0]
+            out = out.index_add(0, sel, self.image(content.rows("image", idx[sel]))[2] * weight[sel])
+        return out
+
+    def modality_vectors(self, content, idx):
+        return _both_paths(self, content, idx)
+
+
+class FusedTower(ItemTower):
+    """PMMRec: projected text and image tokens combined by a fusion module."""
+
+    def __init__(self, cfg: ItemTowerConfig, dim: int, text_encoder: TextEncoderConfig, image_encoder: ImageEncoderConfig,
+                 fusion: FusionConfig, **_):
+        super().__init__(cfg, dim)
+        self.text = TextPath(text_encoder, dim)
+        self.image = ImagePath(image_encoder, dim)
+        self.fusion = build_fusion(fusion)
+
+    def encode(self, content, idx):
+        tt, tm, tp = _run_path(self.text, content, "text", idx)
+        vt, vm, vp = _run_path(self.image, content, "image", idx)
+        return self.fusion(text_tokens=tt, text_mask=tm, text_pooled=tp, image_tokens=vt, image_mask=vm, image_pooled=vp,
+                           has_text=content.has_text[idx], has_image=content.has_image[idx])
+
+    def modality_vectors(self, content, idx):
+        return _both_paths(self, content, idx)
+
+
+def _run_path(path: nn.Module, content: ItemContent, modality: str, idx: torch.Tensor):
+    """Run ``path`` on the items of ``idx`` that have ``modality`` only (an item without text has
+    no tokens to attend to or pool); absent rows get zero tokens, an all-False mask and zero pooled."""
+    has = getattr(content, f"has_{modality}")[idx]  # (M,)
+    if bool(has.all()):
+        return path(content.rows(modality, idx))
+    sel = has.nonzero(as_tuple=True)[0]
+    tokens, mask, pooled = path(content.rows(modality, idx[sel] if sel.numel() else idx[:1]))
+    if not sel.numel():  # nothing present: shapes from one (ignored) row
+        sel, tokens, mask, pooled = sel, tokens[:0], mask[:0], pooled[:0]
+    M = idx.shape[0]
+    out_t = tokens.new_zeros((M, *tokens.shape[1:])).index_copy(0, sel, tokens)  # (M, T, d)
+    out_m = mask.new_zeros((M, mask.shape[1])).index_copy(0, sel, mask)  # (M, T)
+    out_p = pooled.new_zeros((M, pooled.shape[1])).index_copy(0, sel, pooled)  # (M, d)
+    return out_t, out_m, out_p
+
+
+def _both_paths(tower, content, idx):
+    _, _, tp = _run_path(tower.text, content, "text", idx)
+    _, _, vp = _run_path(tower.image, content, "image", idx)
+    return tp, vp, content.has_text[idx], content.has_image[idx]
+
+
+ITEM_TOWERS = {"id": IDTower, "text": TextTower, "image": ImageTower, "mom": MoMTower, "fused": FusedTower}
+TOWER_MODALITIES = {"id": (), "text": ("text",), "image": ("image",), "mom": ("text", "image"), "fused": ("text", "image")}
+
+
+def build_item_tower(cfg: ItemTowerConfig, dim: int, n_items: int, text_encoder: TextEncoderConfig | None,
+                     image_encoder: ImageEncoderConfig | None, fusion: FusionConfig | None) -> ItemTower:
+    if cfg.name not in ITEM_TOWERS:
+        raise ValueError(f"unknown item tower {cfg.name!r}; valid names: {sorted(ITEM_TOWERS)}")
+    need = {"text": text_encoder, "image": image_encoder}
+    for m in cfg.modalities:
+        if need[m] is None:
+            raise ValueError(f"item tower {cfg.name!r} needs a {m}_encoder section")
+    if cfg.name == "fused" and fusion is None:
+        raise ValueError("item tower 'fused' needs a fusion section")
+    return ITEM_TOWERS[cfg.name](cfg, dim, n_items=n_items, text_encoder=text_encoder, image_encoder=image_encoder,
+                                 fusion=fusion)

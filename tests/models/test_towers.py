@@ -1,0 +1,100 @@
+"""Item towers: contract over every registry entry; MoM routing; cached == end-to-end."""
+
+import pytest
+import torch
+
+from mmrec.encoders.image import ImageEncoderConfig
+from mmrec.encoders.text import TextEncoder, TextEncoderConfig
+from mmrec.models.fusion import FusionConfig
+from mmrec.models.towers import ITEM_TOWERS, ItemContent, ItemTowerConfig, build_item_tower
+
+N, D = 12, 16
+TEXT = TextEncoderConfig.tiny(trainable_layers=1, max_length=8, pooling="attention")
+IMAGE = ImageEncoderConfig.tiny(trainable_blocks=1, image_size=32)
+
+
+def raw_content(n: int = N, seed: int = 0) -> ItemContent:
+    """Items 1..n: 1, 5, 9 text-only; 2, 6, 10 image-only; the rest both."""
+    g = torch.Generator().manual_seed(seed)
+    has_text = torch.tensor([False] + [i % 4 != 2 for i in range(1, n + 1)])
+    has_image = torch.tensor([False] + [i % 4 != 1 for i in range(1, n + 1)])
+    tok = TextEncoder(TEXT).tokenize(["", *[f"item number {i} with words {'x ' * (i % 5)}" for i in range(1, n + 1)]])
+    tok["input_ids"][~has_text] = 0
+    tok["attention_mask"][~has_text] = 0
+    pixels = torch.randint(0, 256, (n + 1, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return ItemContent(n, has_text, has_image, text=dict(tok), image={"pixels": pixels})
+
+
+def tower(name: str, **kw):
+    torch.manual_seed(0)
+    return build_item_tower(ItemTowerConfig(name=name, dropout=0.0, **kw), D, N, TEXT, IMAGE, FusionConfig(name="merge_attention", dim=D))
+
+
+@pytest.mark.parametrize("name", sorted(ITEM_TOWERS))
+def test_contract_shape_finite_and_every_trainable_parameter_gets_a_gradient(name):
+    t = tower(name)
+    content = raw_content()
+    idx = torch.arange(1, N + 1)
+    out = t(content, idx)
+    assert out.shape == (N, D) and torch.isfinite(out).all()
+    loss = out.pow(2).sum()
+    mv = t.modality_vectors(content, idx)  # what NICL trains (pooled text / image vectors)
+    if mv is not None:
+        loss = loss + mv[0].pow(2).sum() + mv[1].pow(2).sum()
+    loss.backward()
+    missing = [n for n, p in t.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    frozen = [n for n, p in t.named_parameters() if not p.requires_grad]
+    if name != "id":
+        assert frozen, "the encoders' bottom layers must be frozen"
+
+
+def test_unknown_tower_fails_listing_names():
+    with pytest.raises(ValueError, match="valid names"):
+        ItemTowerConfig(name="nope")
+
+
+@pytest.mark.parametrize("both,expect", [("text", "text"), ("image", "image")])
+def test_mom_routes_each_item_to_its_modality(both, expect):
+    t = tower("mom", mom_both=both).eval()
+    content = raw_content()
+    idx = torch.arange(1, N + 1)
+    out = t(content, idx)
+    text_only = torch.tensor([1, 5, 9])
+    image_only = torch.tensor([2, 6, 10])
+    both_items = torch.tensor([3, 4, 7, 8, 11, 12])
+    from mmrec.models.towers import _run_path
+    _, _, tp = _run_path(t.text, content, "text", idx)
+    _, _, vp = _run_path(t.image, content, "image", idx)
+    torch.testing.assert_close(out[text_only - 1], tp[text_only - 1])
+    torch.testing.assert_close(out[image_only - 1], vp[image_only - 1])
+    torch.testing.assert_close(out[both_items - 1], (tp if expect == "text" else vp)[both_items - 1])
+
+
+def test_text_tower_gives_one_no_content_vector_to_image_only_items():
+    t = tower("text")
+    out = t(raw_content(), torch.tensor([2, 6, 10, 3]))
+    torch.testing.assert_close(out[0], out[1])
+    torch.testing.assert_close(out[0], t.text.proj.bias)
+    assert not torch.allclose(out[0], out[3])
+
+
+def test_cached_bottom_outputs_give_the_same_vectors_as_end_to_end():
+    content = raw_content()
+    t = tower("fused").eval()
+    with torch.no_grad():
+        text_hidden = t.text.encoder.bottom(content.text["input_ids"], content.text["attention_mask"])
+        pix = (content.image["pixels"].float() / 255 - t.image.mean) / t.image.std
+        image_hidden = t.image.encoder.bottom(pix)
+    cached = ItemContent(N, content.has_text, content.has_image,
+                         text={"hidden": text_hidden, "mask": content.text["attention_mask"].bool()},
+                         image={"hidden": image_hidden})
+    idx = torch.arange(1, N + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(t(cached, idx), t(content, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_id_tower_refuses_another_catalog_size():
+    t = tower("id")
+    with pytest.raises(ValueError, match="do not transfer"):
+        t(raw_content(n=N + 1), torch.tensor([1]))
