@@ -28,8 +28,12 @@ class ConfigError(ValueError):
     """A configuration file or section is invalid."""
 
 
-def _from_dict(cls, data: dict[str, Any] | None, where: str):
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones."""
+def from_dict(cls, data: dict[str, Any] | None, where: str, **shared: Any):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones.
+
+    ``shared`` values (e.g. ``dim`` set once for the whole model) fill fields of ``cls`` with the
+    same name; a section that sets one to a different value is an error.
+    """
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
     data = dict(data or {})
@@ -37,10 +41,18 @@ def _from_dict(cls, data: dict[str, Any] | None, where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    for key, value in shared.items():
+        if key in names:
+            if key in data and data[key] != value:
+                raise ConfigError(f"{where}.{key} = {data[key]!r} disagrees with the shared value {value!r}")
+            data[key] = value
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__} {raw[section]!r}")
     base_validation = dict(raw.get("validation") or {})
-    _from_dict(ValidationConfig, base_validation, f"{where}: validation")  # fail early on a bad top section
+    from_dict(ValidationConfig, base_validation, f"{where}: validation")  # fail early on a bad top section
     domains = []
     raw_domains = raw.get("domains") or []
     if isinstance(raw_domains, dict):
@@ -225,9 +237,9 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
             raise ConfigError(f"{where}: domains[{i}] must be a mapping")
         d = dict(d)
         dwhere = f"{where}: domains[{i}] ({d.get('name', '?')})"
-        source = _from_dict(SourceConfig, d.pop("source", None), f"{dwhere}.source")
-        validation = _from_dict(ValidationConfig, {**base_validation, **(d.pop("validation", None) or {})}, f"{dwhere}.validation")
-        domains.append(_from_dict(DomainConfig, {**d, "source": source, "validation": validation}, dwhere))
+        source = from_dict(SourceConfig, d.pop("source", None), f"{dwhere}.source")
+        validation = from_dict(ValidationConfig, {**base_validation, **(d.pop("validation", None) or {})}, f"{dwhere}.validation")
+        domains.append(from_dict(DomainConfig, {**d, "source": source, "validation": validation}, dwhere))
 
     demo_raw = raw.get("demo")
     demo = demo_path = None
@@ -246,7 +258,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
             root=root,
             domains=tuple(domains),
             artifacts=(root / str(raw.get("artifacts", "artifacts"))).resolve(),
-            preprocess=_from_dict(PreprocessConfig, raw.get("preprocess"), f"{where}: preprocess"),
+            preprocess=from_dict(PreprocessConfig, raw.get("preprocess"), f"{where}: preprocess"),
             demo=demo,
             demo_path=demo_path,
             config_path=path,

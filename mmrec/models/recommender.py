@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmrec.config import from_dict
 from mmrec.encoders.image import ImageEncoderConfig
 from mmrec.encoders.text import TextEncoderConfig
 from mmrec.models.fusion import FusionConfig
@@ -40,26 +41,11 @@ from mmrec.objectives import (
 )
 
 
-def _section(cls, data: Any, where: str, **inject):
-    if data is None:
-        return None
-    if isinstance(data, cls):
+def _section(cls, data: Any, where: str, **shared):
+    """An optional config section: None stays None, a built config passes through."""
+    if data is None or isinstance(data, cls):
         return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    for k, v in inject.items():
-        if k in names:
-            if k in data and data[k] != v:
-                raise ValueError(f"{where}.{k} = {data[k]} disagrees with model.{k} = {v}")
-            data = {**data, k: v}
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+    return from_dict(cls, data, where, **shared)
 
 
 @dataclass(frozen=True)

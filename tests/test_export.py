@@ -1,0 +1,48 @@
+"""Export: a model folder loads with one call, with no other file, and scores like the original."""
+
+import shutil
+
+import polars as pl
+import pytest
+import torch
+
+from mmrec.export import export_model, load_model
+from mmrec.models.recommender import Recommender
+from tests.models.test_recommender import SEQ, config
+from tests.models.test_towers import N, raw_content
+
+
+@pytest.mark.parametrize("tower", ["fused", "id"])
+def test_exported_model_loads_alone_and_scores_the_same(tmp_path, tower):
+    torch.manual_seed(0)
+    model = Recommender(config(tower), n_items=N).attach(raw_content(), SEQ).eval()
+    item_map = pl.DataFrame({"item_idx": list(range(1, N + 1)), "item_id": [f"it{i}" for i in range(1, N + 1)]})
+    out = export_model(model, tmp_path / "export", item_map, "shop", {"metrics": {"NDCG@10": 0.5}})
+    moved = tmp_path / "elsewhere"
+    shutil.move(out, moved)  # nothing outside the folder is needed
+    loaded = load_model(moved)
+    assert loaded.meta["domain"] == "shop" and loaded.meta["metrics"]["NDCG@10"] == 0.5
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    torch.testing.assert_close(loaded.item_vectors, model.all_item_vectors())
+
+    hist = [["it1", "it2", "it3"], ["it7"]]
+    recs = loaded.recommend(hist, k=4)
+    idx = torch.tensor([[0, 0, 1, 2, 3], [0, 0, 0, 0, 7]])
+    scores = model.score(idx)
+    scores[:, 0] = -torch.inf
+    scores[0, [1, 2, 3]] = -torch.inf
+    scores[1, 7] = -torch.inf
+    expect = scores.topk(4, dim=1).indices
+    assert [[i for i, _ in r] for r in recs] == [[f"it{int(j)}" for j in row] for row in expect]
+    assert all("it1" != i for i, _ in recs[0])
+
+
+def test_unknown_item_and_bad_folder(tmp_path):
+    model = Recommender(config("id"), n_items=N).attach(raw_content(), SEQ)
+    item_map = pl.DataFrame({"item_idx": list(range(1, N + 1)), "item_id": [f"it{i}" for i in range(1, N + 1)]})
+    loaded = load_model(export_model(model, tmp_path / "m", item_map, "shop"))
+    with pytest.raises(KeyError, match="ghost"):
+        loaded.recommend([["ghost"]])
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_model(tmp_path)
