@@ -38,18 +38,29 @@ def _stats_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join([fmt(lines[0]), fmt(tuple("-" * w for w in widths)), *map(fmt, lines[1:])])
 
 
-def _domains(cfg, names: list[str] | None) -> list[str]:
-    return [cfg.domain(n).name for n in names] if names else [d.name for d in cfg.domains]
-
-
-def _run_stage(cfg, stage: str, domains: list[str], quiet: bool) -> int:
+def _run_stage(cfg, stage: str, names: list[str] | None, quiet: bool) -> int:
     rows = []
-    for name in domains:
+    for name in stages.stage_domains(cfg, stage, names):
         t0 = time.perf_counter()
-        res = stages.STAGE_FUNCTIONS[stage](cfg, name, progress=not quiet)
-        print(f"[{stage}] {name}: wrote {res.path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        rows.append((name, res.metadata))
-    print(_stats_table(rows))
+        fn = stages.STAGE_FUNCTIONS[stage]
+        res = fn(cfg, progress=not quiet) if name is None else fn(cfg, name, progress=not quiet)
+        print(f"[{stage}] {res.domain}: wrote {res.path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        rows.append((res.domain, res.metadata))
+        if stage == "evaluation":
+            print(stages.metrics_table(res.metadata))
+            gate = res.metadata["gate"]
+            print(f"quality gate ({gate['metric']}, margin {gate['margin']}): {'passed' if gate['passed'] else 'FAILED'}")
+        elif stage in ("pretrained_model", "finetuned_model"):
+            variants = res.metadata.get("variants") or {"model": res.metadata}
+            for v, info in variants.items():
+                m = info["valid_metrics"]
+                print(f"{res.domain} {v}: best valid NDCG@10 {m.get('NDCG@10', float('nan')):.4f} "
+                      f"HR@10 {m.get('HR@10', float('nan')):.4f} at step {info['best_step']} of {info['steps']}")
+        elif stage == "item_features":
+            for mod, st in res.metadata["modalities"].items():
+                print(f"{res.domain} {mod}: {st['computed']} encoded, {st['hits']} from cache, {st['absent']} without {mod}")
+    if stage in ("raw_catalog", "validated_catalog"):
+        print(_stats_table(rows))
     return 0
 
 
@@ -69,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo_data", "Generate the built-in synthetic multi-domain demo data into the raw data folder.", domains=False)
     add("raw_catalog", "Import each domain's raw data into the catalog contract.")
     add("validated_catalog", "Validate each raw catalog (Great Expectations) and preprocess it as in the papers.")
+    add("item_features", "Compute (or read from the feature cache) the frozen encoder outputs of every item.")
+    add("pretrained_model", "Pretrain the recommender on all source domains together.", domains=False)
+    add("finetuned_model", "Fine-tune the pretrained model on each target domain, with the configured baselines.")
+    add("evaluation", "Full-ranking test metrics of the fine-tuned model, its baselines and zero-shot.")
     add("run", "Run every stage in order for the selected domains.")
     add("stats", "Print the statistics recorded by validated_catalog.")
     return p
@@ -93,13 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {d.n_users} users, {d.n_items} items, {d.n_interactions} interactions, modalities {d.modality_counts}")
             print(f"wrote {cfg.demo_path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             return 0
-        domains = _domains(cfg, args.domain)
         if args.command == "stats":
-            print(_stats_table([(n, stages.read_stats(cfg, n)) for n in domains]))
+            names = [cfg.domain(n).name for n in args.domain] if args.domain else [d.name for d in cfg.domains]
+            print(_stats_table([(n, stages.read_stats(cfg, n)) for n in names]))
             return 0
         todo = stages.STAGES if args.command == "run" else (args.command,)
         for stage in todo:
-            _run_stage(cfg, stage, domains, args.quiet)
+            _run_stage(cfg, stage, getattr(args, "domain", None), args.quiet)
         return 0
     except (ConfigError, CatalogError, ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"mmrec {args.command}: error: {exc}", file=sys.stderr)

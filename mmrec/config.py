@@ -152,6 +152,60 @@ class DomainConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """The ``item_features`` stage: frozen encoder outputs cached per item."""
+
+    cache_dir: str = "artifacts/feature_cache"
+    """Feature cache folder (relative to ``root``), shared by domains and runs; entries are keyed
+    by item content and encoder fingerprint, so a stale entry is never reused."""
+    text_batch_size: int = 64
+    image_batch_size: int = 32
+    num_workers: int = 0
+    """DataLoader workers decoding images (0: in-process; keep 0 inside Dagster step processes)."""
+
+    def __post_init__(self):
+        if self.text_batch_size < 1 or self.image_batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch sizes must be >= 1 and num_workers >= 0")
+
+
+BASELINES = ("scratch", "id", "zero_shot")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The ``finetuned_model`` comparisons and the ``evaluation`` stage."""
+
+    ks: tuple[int, ...] = (5, 10, 20)
+    """Cut-offs of HR@k, NDCG@k and MRR@k."""
+    batch_size: int = 1024
+    """Users scored at once against the full catalog (bounds memory)."""
+    baselines: tuple[str, ...] = ("scratch", "zero_shot")
+    """Compared with the fine-tuned model under the same budget: ``scratch`` (same model, no
+    pretraining), ``id`` (ID-embedding SASRec), ``zero_shot`` (pretrained, no fine-tuning)."""
+    gate_metric: str = "NDCG@10"
+    """Metric of the quality gate before registration."""
+    gate_margin: float = 0.0
+    """The fine-tuned model must beat each baseline of ``gate_against`` by this much."""
+    gate_against: tuple[str, ...] = ("scratch",)
+    """Baselines the quality gate compares with (a subset of ``baselines``: scratch, id)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be positive, got {self.ks}")
+        bad = sorted(set(self.baselines) - set(BASELINES))
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad}; valid: {list(BASELINES)}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        object.__setattr__(self, "gate_against", tuple(self.gate_against))
+        bad = sorted(set(self.gate_against) - ({"scratch", "id"} & set(self.baselines)))
+        if bad:
+            raise ValueError(f"gate_against {bad} must be trained baselines listed in baselines {list(self.baselines)}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole pipeline: domains, data locations and per-stage sections."""
 
@@ -167,6 +221,10 @@ class PipelineConfig:
     """Where the demo data is generated (inside the DVC-tracked raw data folder)."""
     config_path: Path | None = None
     """The YAML file this config was loaded from."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """The model stages' raw sections (``model``, ``pretrain``, ``finetune``, ``transfer``,
+    ``features``, ``evaluation``), parsed on first use by the accessors below so that loading a
+    config (and the CLI) does not import torch."""
 
     def __post_init__(self):
         if not self.domains:
@@ -188,32 +246,93 @@ class PipelineConfig:
         p = Path(os.path.expanduser(str(path)))
         return p if p.is_absolute() else (self.root / p).resolve()
 
-    def artifact_path(self, stage: str, domain: str) -> Path:
-        """The folder of one stage's artifact for one domain."""
-        return self.artifacts / stage / domain
+    def artifact_path(self, stage: str, domain: str | None = None) -> Path:
+        """The folder of one stage's artifact for one domain (``None``: a cross-domain artifact
+        such as the pretrained model)."""
+        return self.artifacts / stage / domain if domain else self.artifacts / stage
+
+    @property
+    def sources(self) -> list[DomainConfig]:
+        return [d for d in self.domains if d.role == "source"]
+
+    @property
+    def targets(self) -> list[DomainConfig]:
+        return [d for d in self.domains if d.role == "target"]
+
+    def _where(self, section: str) -> str:
+        return f"{self.config_path}: {section}"
+
+    def model(self):
+        """The ``model`` section as a ``ModelConfig`` (imports torch)."""
+        from mmrec.models.recommender import ModelConfig
+
+        try:
+            return ModelConfig.from_dict(self.sections.get("model"), self._where("model"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def train(self, phase: str):
+        """The ``pretrain`` or ``finetune`` section as a ``TrainConfig``."""
+        from mmrec.training import TrainConfig
+
+        if phase not in ("pretrain", "finetune"):
+            raise ValueError(f"phase must be 'pretrain' or 'finetune', got {phase!r}")
+        return from_dict(TrainConfig, self.sections.get(phase), self._where(phase))
+
+    def transfer(self):
+        from mmrec.transfer import TransferConfig
+
+        return from_dict(TransferConfig, self.sections.get("transfer"), self._where("transfer"))
+
+    def features(self) -> FeaturesConfig:
+        return from_dict(FeaturesConfig, self.sections.get("features"), self._where("features"))
+
+    def evaluation(self) -> EvaluationConfig:
+        return from_dict(EvaluationConfig, self.sections.get("evaluation"), self._where("evaluation"))
 
 
-_TOP_KEYS = {"root", "artifacts", "domains", "validation", "preprocess", "demo"}
+MODEL_SECTIONS = ("model", "pretrain", "finetune", "transfer", "features", "evaluation")
+_TOP_KEYS = {"root", "artifacts", "domains", "validation", "preprocess", "demo", "preset", *MODEL_SECTIONS}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, recursively for mappings."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config mapping with its ``preset`` (a YAML file relative to it) merged underneath."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}" + (f" (preset of {seen[-1]})" if seen else "")) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    preset = raw.pop("preset", None)
+    if preset is None:
+        return raw
+    ppath = (path.parent / str(preset)).resolve()
+    if ppath in seen or ppath == path:
+        raise ConfigError(f"{path}: preset cycle through {ppath}")
+    return _merge(_read_yaml(ppath, (*seen, path)), raw)
 
 
 def load_config(path: str | os.PathLike) -> PipelineConfig:
     """Load and validate a pipeline config from YAML."""
     path = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = _read_yaml(path)
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; valid keys: {sorted(_TOP_KEYS)}")
     root = (path.parent / str(raw.get("root", "."))).resolve()
     where = str(path)
 
-    for section in ("validation", "preprocess", "demo"):
+    for section in ("validation", "preprocess", "demo", *MODEL_SECTIONS):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__} {raw[section]!r}")
     base_validation = dict(raw.get("validation") or {})
@@ -262,6 +381,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
             demo=demo,
             demo_path=demo_path,
             config_path=path,
+            sections={k: raw[k] for k in MODEL_SECTIONS if raw.get(k) is not None},
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -2,11 +2,16 @@
 
 The data flows one way and each artifact has one name everywhere::
 
-    raw_catalog -> validated_catalog -> (item_features -> pretrained_model -> finetuned_model
-                -> evaluation -> served_model: later stages)
+    raw_catalog -> validated_catalog -> item_features -> pretrained_model -> finetuned_model
+                -> evaluation (-> served_model: registration, in the orchestration layer)
 
 Each stage reads the exact upstream artifact folder of its domain
-(``<artifacts>/<stage>/<domain>``) and writes its own atomically.
+(``<artifacts>/<stage>/<domain>``) and writes its own atomically. ``pretrained_model`` is the one
+cross-domain artifact (``<artifacts>/pretrained_model``): it reads every source domain's features.
+Per-domain stages run for every domain; the model stages after ``item_features`` only for the
+domains of their role (``CROSS_DOMAIN``, ``TARGET_ONLY``). Training checkpoints live in
+``<artifacts>/runs/<stage>/<domain>/<run key>/``, keyed by a hash of the config and the inputs, so a
+killed run resumes and a changed run starts afresh.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mmrec.data.importers import import_domain
 from mmrec.data.preprocess import preprocess
 from mmrec.io import atomic_dir, write_json
 
-STAGES = ("raw_catalog", "validated_catalog")
+STAGES = ("raw_catalog", "validated_catalog", "item_features", "pretrained_model", "finetuned_model", "evaluation")
 """Pipeline stages in order (the artifact names)."""
 
 VALIDATION_REPORT = "validation.md"
@@ -117,5 +122,236 @@ def read_stats(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-STAGE_FUNCTIONS = {"raw_catalog": raw_catalog, "validated_catalog": validated_catalog}
+# --------------------------------------------------------------------------------------------
+# Model stages
+
+CROSS_DOMAIN = ("pretrained_model",)
+"""Stages with one artifact for all source domains (no domain argument)."""
+TARGET_ONLY = ("finetuned_model", "evaluation")
+"""Stages that run for target domains only."""
+METRICS = "metrics.json"
+
+
+def stage_domains(cfg: PipelineConfig, stage: str, names: list[str] | None = None) -> list[str | None]:
+    """The domains ``stage`` runs for (``[None]`` for cross-domain stages)."""
+    if stage in CROSS_DOMAIN:
+        return [None]
+    pool = [d for d in cfg.domains if d.role == "target"] if stage in TARGET_ONLY else list(cfg.domains)
+    chosen = [cfg.domain(n) for n in names] if names else pool
+    return [d.name for d in chosen if d in pool]
+
+
+def _run_dir(cfg: PipelineConfig, stage: str, domain: str | None, key_parts: dict[str, Any], inputs: list[Path]) -> Path:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode())
+    for p in inputs:
+        h.update(p.read_bytes())
+    return cfg.artifacts / "runs" / stage / (domain or "all") / h.hexdigest()[:16]
+
+
+def _domain_data(cfg: PipelineConfig, domain: str):
+    import polars as pl
+
+    from mmrec.data.sequences import SequenceData
+    from mmrec.features import load_content
+
+    content = load_content(cfg.artifact_path("item_features", domain))
+    splits_path = cfg.artifact_path("validated_catalog", domain) / "splits.parquet"
+    if not splits_path.is_file():
+        raise FileNotFoundError(f"{splits_path}: run validated_catalog for domain {domain!r} first")
+    data = SequenceData.from_splits(pl.read_parquet(splits_path), content.n_items)
+    return content, data
+
+
+def _tracker(out_dir: Path, tracker):
+    from mmrec.tracking import JsonlTracker, MultiTracker
+
+    local = JsonlTracker(out_dir / "log")
+    return MultiTracker(local, tracker) if tracker is not None else local
+
+
+def item_features(cfg: PipelineConfig, domain: str, progress: bool = True) -> StageResult:
+    """Run the item tower's frozen encoders over one validated catalog (through the feature cache)."""
+    from mmrec.features import build_item_features, save_content
+
+    d = cfg.domain(domain)
+    catalog = Catalog.read(cfg.artifact_path("validated_catalog", d.name) / "catalog")
+    fc = cfg.features()
+    content, meta = build_item_features(catalog, cfg.model(), cfg.resolve(fc.cache_dir), fc.text_batch_size,
+                                        fc.image_batch_size, fc.num_workers, progress)
+    out = save_content(content, cfg.artifact_path("item_features", d.name), meta)
+    return StageResult("item_features", d.name, out, meta)
+
+
+def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: bool = True, tracker=None) -> StageResult:
+    """Pretrain the model on every source domain together (one item space, domain-prefixed ids)."""
+    import dataclasses as dc
+
+    import polars as pl
+    import torch
+
+    from mmrec.data.sequences import concat_sequences
+    from mmrec.experiment import fit
+    from mmrec.export import export_model
+    from mmrec.features import concat_contents, prefixed_item_map
+    from mmrec.models.recommender import Recommender
+
+    sources = [d.name for d in cfg.sources]
+    if not sources:
+        raise ValueError(f"{cfg.config_path}: no domain has role 'source': nothing to pretrain on")
+    parts = [_domain_data(cfg, s) for s in sources]
+    content, offsets = concat_contents([c for c, _ in parts])
+    data = concat_sequences([dd for _, dd in parts], offsets)
+    model_cfg, tc, ec = cfg.model(), dc.replace(cfg.train("pretrain"), progress=progress), cfg.evaluation()
+    inputs = [cfg.artifact_path("item_features", s) / "features.json" for s in sources] + [
+        cfg.artifact_path("validated_catalog", s) / "splits.parquet" for s in sources]
+    run = _run_dir(cfg, "pretrained_model", None, {"model": model_cfg.to_dict(), "train": dc.asdict(tc) | {"progress": None}}, inputs)
+    torch.manual_seed(tc.seed)
+    model = Recommender(model_cfg, n_items=content.n_items).attach(content, data.train_examples(model_cfg.max_len), tc.seed)
+    tr = _tracker(run, tracker)
+    tr.set_tags({"stage": "pretrained_model", "domains": "+".join(sources)})
+    result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size)
+    item_maps = [(s, pl.read_parquet(cfg.artifact_path("validated_catalog", s) / "item_map.parquet")) for s in sources]
+    info = {"stage": "pretrained_model", "sources": sources, "valid_metrics": result.best_metrics,
+            "best_step": result.best_step, "steps": result.steps, "run_dir": str(run)}
+    out = export_model(model, cfg.artifact_path("pretrained_model"), prefixed_item_map(item_maps, offsets), "+".join(sources), info)
+    return StageResult("pretrained_model", "+".join(sources), out, info)
+
+
+def _variants(cfg: PipelineConfig):
+    """The models ``finetuned_model`` trains: the fine-tuned one and the configured baselines."""
+    model_cfg, transfer = cfg.model(), cfg.transfer()
+    baselines = cfg.evaluation().baselines
+    out = {"model": (model_cfg, transfer.part)}
+    if "scratch" in baselines:
+        out["scratch"] = (model_cfg, "none")
+    if "id" in baselines:
+        from mmrec.models.recommender import ModelConfig
+
+        spec = model_cfg.to_dict()
+        spec.update(item_tower={**spec["item_tower"], "name": "id"}, text_encoder=None, image_encoder=None, fusion=None,
+                    objective={**spec["objective"], "nicl_enabled": False})
+        out["id"] = (ModelConfig.from_dict(spec, "id baseline"), "none")
+    return out
+
+
+def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tracker=None) -> StageResult:
+    """Fine-tune the pretrained model (``transfer.part``) on one target domain; train the
+    configured baselines (from scratch, ID-SASRec) on it with the same budget."""
+    import dataclasses as dc
+
+    import polars as pl
+    import torch
+    from safetensors.torch import load_file
+
+    from mmrec.experiment import fit
+    from mmrec.export import export_model
+    from mmrec.models.recommender import Recommender
+    from mmrec.transfer import load_part
+
+    d = cfg.domain(domain)
+    content, data = _domain_data(cfg, d.name)
+    tc, ec, transfer = dc.replace(cfg.train("finetune"), progress=progress), cfg.evaluation(), cfg.transfer()
+    item_map = pl.read_parquet(cfg.artifact_path("validated_catalog", d.name) / "item_map.parquet")
+    pretrained = cfg.artifact_path("pretrained_model") / "model.safetensors"
+    inputs = [cfg.artifact_path("item_features", d.name) / "features.json",
+              cfg.artifact_path("validated_catalog", d.name) / "splits.parquet"]
+    summary: dict[str, Any] = {"domain": d.name, "transfer": dc.asdict(transfer), "variants": {}}
+    out = cfg.artifact_path("finetuned_model", d.name)
+    with atomic_dir(out) as tmp:
+        for name, (mcfg, part) in _variants(cfg).items():
+            key = {"model": mcfg.to_dict(), "train": dc.asdict(tc) | {"progress": None}, "part": part,
+                   "adapters": transfer.freeze_user_encoder_except_adapters}
+            run = _run_dir(cfg, "finetuned_model", d.name, key, inputs + ([pretrained] if part != "none" else []))
+            torch.manual_seed(tc.seed)
+            model = Recommender(mcfg, n_items=content.n_items)
+            if part != "none":
+                if not pretrained.is_file():
+                    raise FileNotFoundError(f"{pretrained}: run pretrained_model first (transfer.part = {part!r})")
+                load_part(model, load_file(pretrained), part)
+                if transfer.freeze_user_encoder_except_adapters:
+                    model.user_encoder.freeze_for_adapters()
+            model.attach(content, data.train_examples(mcfg.max_len), tc.seed)
+            tr = _tracker(run, tracker)
+            tr.set_tags({"stage": "finetuned_model", "domain": d.name, "variant": name, "transfer": part})
+            result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size)
+            info = {"variant": name, "transfer": part, "valid_metrics": result.best_metrics, "best_step": result.best_step,
+                    "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run)}
+            export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info)
+            summary["variants"][name] = info
+        write_json(tmp / "summary.json", summary)
+    return StageResult("finetuned_model", d.name, out, summary)
+
+
+def evaluation(cfg: PipelineConfig, domain: str, progress: bool = True, tracker=None) -> StageResult:
+    """Test metrics (full ranking, history masked, cold-start subset) of the fine-tuned model, its
+    baselines and the zero-shot pretrained model; the quality gate the registration checks."""
+    from safetensors.torch import load_file
+
+    from mmrec.experiment import evaluate_model, evaluate_vectors
+    from mmrec.export import load_model
+    from mmrec.models.recommender import ModelConfig, Recommender
+    from mmrec.transfer import load_part
+
+    d = cfg.domain(domain)
+    ec = cfg.evaluation()
+    content, data = _domain_data(cfg, d.name)
+    ft = cfg.artifact_path("finetuned_model", d.name)
+    folders = {"finetuned": ft / "model", **{n: ft / "baselines" / n for n in ("scratch", "id") if n in ec.baselines}}
+    models: dict[str, dict[str, Any]] = {}
+    for name, folder in folders.items():
+        m = load_model(folder)
+        models[name] = evaluate_vectors(lambda h, m=m: m.model.user_vectors(h, m.item_vectors), m.item_vectors, data, "test",
+                                        m.model.cfg.max_len, ec.ks, ec.batch_size)
+    if "zero_shot" in ec.baselines:
+        pre = cfg.artifact_path("pretrained_model")
+        meta = json.loads((pre / "model.json").read_text())
+        zs = Recommender(ModelConfig.from_dict(meta["model"]), n_items=content.n_items)
+        load_part(zs, load_file(pre / "model.safetensors"), "whole")
+        zs.attach(content)
+        models["zero_shot"] = evaluate_model(zs, data, "test", ec.ks, ec.batch_size)
+    metric = ec.gate_metric
+    trained = {n: m[metric] for n, m in models.items() if n in ec.gate_against}
+    best_baseline = max(trained.values()) if trained else None
+    gate = {
+        "metric": metric,
+        "margin": ec.gate_margin,
+        "finetuned": models["finetuned"][metric],
+        "against": list(ec.gate_against),
+        "best_baseline": best_baseline,
+        "passed": best_baseline is None or models["finetuned"][metric] > best_baseline + ec.gate_margin,
+    }
+    result = {"domain": d.name, "split": "test", "models": models, "gate": gate}
+    out = cfg.artifact_path("evaluation", d.name)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / METRICS, result)
+        (tmp / "metrics.md").write_text(metrics_table(result) + "\n", encoding="utf-8")
+    if tracker is not None:
+        tracker.log_metrics({f"{n}/{k}": v for n, m in models.items() for k, v in m.items() if isinstance(v, (int, float))})
+    return StageResult("evaluation", d.name, out, result)
+
+
+def metrics_table(result: dict[str, Any], ks: tuple[int, ...] = (10,)) -> str:
+    """A Markdown table of an evaluation result: HR/NDCG/MRR at ``ks``, all users and cold-start."""
+    cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]
+    head = ["model", *cols, *[f"cold {c}" for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for name, m in result["models"].items():
+        lines.append("| " + " | ".join([name, *[fmt(m.get(c)) for c in cols], *[fmt(m.get(f"cold/{c}")) for c in cols]]) + " |")
+    any_m = next(iter(result["models"].values()))
+    lines.append(f"\n{result['domain']}, {result['split']} split: {any_m['n_users']} users, "
+                 f"{any_m['n_cold_users']} with a cold-start target; values in %.")
+    return "\n".join(lines)
+
+
+STAGE_FUNCTIONS = {
+    "raw_catalog": raw_catalog,
+    "validated_catalog": validated_catalog,
+    "item_features": item_features,
+    "pretrained_model": pretrained_model,
+    "finetuned_model": finetuned_model,
+    "evaluation": evaluation,
+}
 assert tuple(STAGE_FUNCTIONS) == STAGES

@@ -33,7 +33,7 @@ PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
-class TransferError(RuntimeError):
+class TransferError(ValueError):
     """A part could not be loaded completely."""
 
 

@@ -24,9 +24,10 @@ def test_help_runs_as_a_program():
         assert stage in out.stdout
 
 
-def test_run_then_stats(tmp_path, capsys):
+def test_catalog_stages_then_stats(tmp_path, capsys):
     cfg = _config(tmp_path)
-    assert cli.main(["run", "--config", str(cfg), "-q"]) == 0
+    assert cli.main(["raw_catalog", "--config", str(cfg), "-q"]) == 0
+    assert cli.main(["validated-catalog", "--config", str(cfg), "-q"]) == 0
     assert cli.main(["stats", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
     header, row = out[-3], out[-1]

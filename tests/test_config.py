@@ -145,8 +145,8 @@ def test_relative_config_path_is_resolved(tmp_path, monkeypatch):
 # -- unknown keys, at every level, name the bad key and list the valid ones
 UNKNOWN = {
     "top": ("domains: [{name: d, source: {format: t, path: p}}]\nvalidaton: {}\n",
-            r"unknown top-level key\(s\) \['validaton'\]; valid keys: \['artifacts', 'demo', 'domains', "
-            r"'preprocess', 'root', 'validation'\]"),
+            r"unknown top-level key\(s\) \['validaton'\]; valid keys: \['artifacts', 'demo', 'domains', 'evaluation', "
+            r"'features', 'finetune', 'model', 'preprocess', 'preset', 'pretrain', 'root', 'transfer', 'validation'\]"),
     "top-validation": ("validation: {on_eror: fail}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
                        r"validation: unknown key\(s\) \['on_eror'\]; valid keys: \[.*'on_error'.*\]"),
     "preprocess": ("preprocess: {max_len: 3}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
@@ -352,3 +352,23 @@ def test_repo_real_config_loads():
     assert movies.validation.check_images is True  # from the top-level section
     assert cfg.domain("amazon_instrument").validation.min_image_share == 0.0
     assert cfg.resolve(movies.source.path) == (REPO.parent / "shared" / "datasets" / "movielens-100k").resolve()
+
+
+# -- presets and the model stages' sections
+def test_preset_is_merged_underneath_recursively(tmp_path):
+    (tmp_path / "configs" / "presets").mkdir(parents=True)
+    (tmp_path / "configs" / "presets" / "base.yaml").write_text(
+        "model: {dim: 32, item_tower: {name: id}, objective: {nicl_enabled: false}}\nevaluation: {ks: [5, 10]}\n")
+    path = _write(tmp_path, "preset: presets/base.yaml\nmodel: {max_len: 7}\n"
+                            "domains: [{name: d, source: {format: t, path: p}}]\n")
+    cfg = load_config(path)
+    assert cfg.sections["model"] == {"dim": 32, "max_len": 7, "item_tower": {"name": "id"}, "objective": {"nicl_enabled": False}}
+    assert cfg.evaluation().ks == (5, 10)
+    assert cfg.features().cache_dir == "artifacts/feature_cache"
+
+
+def test_preset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="absent.yaml"):
+        load_config(_write(tmp_path, "preset: absent.yaml\ndomains: [{name: d, source: {format: t, path: p}}]\n"))
+    with pytest.raises(ConfigError, match="unknown baseline"):
+        load_config(_write(tmp_path, "evaluation: {baselines: [magic]}\ndomains: [{name: d, source: {format: t, path: p}}]\n")).evaluation()

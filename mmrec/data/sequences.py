@@ -93,3 +93,12 @@ class TrainExamples(torch.utils.data.Dataset):
     @staticmethod
     def collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"seq": torch.stack(rows)}
+
+
+def concat_sequences(datas: list[SequenceData], offsets: list[int]) -> SequenceData:
+    """Several domains' users in one item space (domain ``j``'s item ``i`` -> ``offsets[j] + i``)."""
+    n_items = offsets[-1] + datas[-1].n_items
+    train = [[i + off for i in s] for d, off in zip(datas, offsets) for s in d.train]
+    valid = torch.cat([d.valid + off for d, off in zip(datas, offsets)])
+    test = torch.cat([d.test + off for d, off in zip(datas, offsets)])
+    return SequenceData(n_items, train, valid, test)

@@ -173,7 +173,9 @@ def build_backbone(cfg: ImageEncoderConfig) -> nn.Module:
     alias = IMAGE_ENCODER_ALIASES.get(cfg.name)
     arch = alias.arch if alias else cfg.name
     try:
-        model = timm.create_model(arch, pretrained=cfg.pretrained, **cfg.overrides)
+        with torch.random.fork_rng():  # random init is the same every time: cacheable, comparable
+            torch.manual_seed(0)
+            model = timm.create_model(arch, pretrained=cfg.pretrained, **cfg.overrides)
     except Exception as exc:  # unknown name, no internet, no weights: all reported the same way
         how = " with pretrained weights (no internet, or no weights published?)" if cfg.pretrained else ""
         raise ValueError(

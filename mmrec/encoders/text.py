@@ -102,7 +102,9 @@ def _load(cfg: TextEncoderConfig):
         tokenizer = AutoTokenizer.from_pretrained(source)
         if cfg.random_init:
             hf_cfg = AutoConfig.from_pretrained(source, **cfg.overrides)
-            model = AutoModel.from_config(hf_cfg)
+            with torch.random.fork_rng():  # the same random weights every time: cacheable, comparable
+                torch.manual_seed(0)
+                model = AutoModel.from_config(hf_cfg)
         else:
             model = AutoModel.from_pretrained(source, dtype=torch.float32, **cfg.overrides)
     except (OSError, ValueError) as exc:

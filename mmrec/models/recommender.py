@@ -216,14 +216,14 @@ class Recommender(nn.Module):
         loss = total_loss(parts, obj)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
-    def param_groups(self, weight_decay: float = 0.1) -> list[dict]:
-        """Encoders without weight decay, the recommender with it (PMMRec)."""
+    def param_groups(self) -> list[dict]:
+        """Encoders without weight decay (PMMRec); the recommender group takes the trainer's."""
         enc, rec = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             (enc if ".encoder." in f".{name}" and name.startswith("item_tower.") else rec).append(p)
-        groups = [{"name": "recommender", "params": rec, "weight_decay": weight_decay}]
+        groups = [{"name": "recommender", "params": rec}]
         if enc:
             groups.append({"name": "encoders", "params": enc, "weight_decay": 0.0})
         return groups
