@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, aliases=[name.replace("_", "-")] if "_" in name else [])
         sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--threads", type=int, help="torch CPU threads (small models run faster on 1; default: torch's)")
         if domains:
             sp.add_argument("--domain", action="append", help="domain to run (repeatable; default: all)")
         sp.set_defaults(command=name)
@@ -95,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmrec.data.catalog import CatalogError
     from mmrec.data.validation import ValidationError
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config)
         if args.command == "demo_data":
