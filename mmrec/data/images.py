@@ -146,6 +146,10 @@ rewritten at the same path (``write_lmdb`` renames a new folder into place) is o
 by long-running processes such as the Dagster daemon."""
 
 
+# an LMDB environment must not be used across fork(): DataLoader workers start with none
+os.register_at_fork(after_in_child=_LMDB_ENVS.clear)
+
+
 def _lmdb_get(root: Path, ref: str) -> bytes:
     import lmdb
 
