@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the built-in demo data: generate the raw data (deterministic, so it matches
-# data.dvc), run every dvc.yaml stage, push the data to the local DVC remote, print statistics.
+# data.dvc), run every dvc.yaml stage (import, validation, item features, pretraining on the
+# source domains, fine-tuning + baselines and evaluation on the target), push the data to the
+# local DVC remote, print the catalog statistics and the test metrics.
 demo: install
 	$(BIN)/mmrec demo_data --config $(CONFIG) -q
 	$(BIN)/dvc add -q data
 	$(BIN)/dvc repro
 	$(BIN)/dvc push -q
 	$(BIN)/mmrec stats --config $(CONFIG)
+	$(BIN)/mmrec metrics --config $(CONFIG)
 
 test: install
 	$(BIN)/pytest -q

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluation", "Full-ranking test metrics of the fine-tuned model, its baselines and zero-shot.")
     add("run", "Run every stage in order for the selected domains.")
     add("stats", "Print the statistics recorded by validated_catalog.")
+    add("metrics", "Print the test metrics tables recorded by evaluation (target domains).")
     return p
 
 
@@ -116,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             names = [cfg.domain(n).name for n in args.domain] if args.domain else [d.name for d in cfg.domains]
             print(_stats_table([(n, stages.read_stats(cfg, n)) for n in names]))
+            return 0
+        if args.command == "metrics":
+            for name in stages.stage_domains(cfg, "evaluation", args.domain):
+                res = stages.read_metrics(cfg, name)
+                print(stages.metrics_table(res))
+                gate = res["gate"]
+                print(f"quality gate ({gate['metric']} vs {gate['against']}, margin {gate['margin']}): "
+                      f"{'passed' if gate['passed'] else 'FAILED'}\n")
             return 0
         todo = stages.STAGES if args.command == "run" else (args.command,)
         for stage in todo:

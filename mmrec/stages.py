@@ -332,6 +332,14 @@ def evaluation(cfg: PipelineConfig, domain: str, progress: bool = True, tracker=
     return StageResult("evaluation", d.name, out, result)
 
 
+def read_metrics(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
+    """The result a finished ``evaluation`` stage recorded."""
+    path = cfg.artifact_path("evaluation", domain) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the evaluation stage for domain {domain!r} first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def metrics_table(result: dict[str, Any], ks: tuple[int, ...] = (10,)) -> str:
     """A Markdown table of an evaluation result: HR/NDCG/MRR at ``ks``, all users and cold-start."""
     cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]

@@ -372,3 +372,27 @@ def test_preset_errors(tmp_path):
         load_config(_write(tmp_path, "preset: absent.yaml\ndomains: [{name: d, source: {format: t, path: p}}]\n"))
     with pytest.raises(ConfigError, match="unknown baseline"):
         load_config(_write(tmp_path, "evaluation: {baselines: [magic]}\ndomains: [{name: d, source: {format: t, path: p}}]\n")).evaluation()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "pmmrec", "transrec"])
+def test_presets_parse_into_typed_configs(tmp_path, preset):
+    path = _write(tmp_path, f"preset: {REPO}/configs/presets/{preset}.yaml\ndomains: [{{name: d, source: {{format: t, path: p}}}}]\n")
+    cfg = load_config(path)
+    model = cfg.model()
+    assert model.user_encoder.dim == model.dim and model.user_encoder.max_len == model.max_len
+    assert cfg.train("pretrain").epochs >= 1 and cfg.train("finetune").lr > 0
+    assert cfg.transfer().part == "whole"
+    expected = {"tiny": ("fused", "sasrec"), "cpu": ("fused", "sasrec"), "pmmrec": ("fused", "sasrec"), "transrec": ("mom", "transrec")}
+    assert (model.item_tower.name, model.user_encoder.name) == expected[preset]
+    if preset == "pmmrec":
+        assert model.dim == 768 and model.text_encoder.trainable_layers == 2 and model.fusion.name == "merge_attention"
+        assert model.objective.nicl.weight == 0.4
+    if preset == "transrec":
+        assert model.objective.name == "bce" and model.objective.bce_negatives == 5 and model.max_len == 25
+        assert model.user_encoder.ffn_dim == 128 and model.text_encoder.pooling == "attention"
+
+
+def test_repo_configs_have_valid_model_sections():
+    for name in ("demo", "real"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.model().item_tower.name == "fused" and cfg.evaluation().gate_metric == "NDCG@10"
