@@ -61,10 +61,11 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs: Any) 
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh
+        # after writing: a writer that replaced the file by path (safetensors) reset the mode
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared like any output
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
