@@ -7,6 +7,7 @@ functions as ``dvc.yaml`` and the Dagster assets (``mmrec.stages``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmrec.data.catalog import CatalogError
     from mmrec.data.validation import ValidationError
 
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # also silences transformers' weight-loading bar
     if args.threads:
         import torch
 

@@ -313,6 +313,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if "root" in raw:  # relative to the file that sets it, also when that file is a preset
+        raw["root"] = str((path.parent / str(raw["root"])).resolve())
     preset = raw.pop("preset", None)
     if preset is None:
         return raw

@@ -135,7 +135,7 @@ METRICS = "metrics.json"
 def stage_domains(cfg: PipelineConfig, stage: str, names: list[str] | None = None) -> list[str | None]:
     """The domains ``stage`` runs for (``[None]`` for cross-domain stages)."""
     if stage in CROSS_DOMAIN:
-        return [None]
+        return [None] if cfg.sources else []  # no source domain: nothing to pretrain (transfer.part none)
     pool = [d for d in cfg.domains if d.role == "target"] if stage in TARGET_ONLY else list(cfg.domains)
     chosen = [cfg.domain(n) for n in names] if names else pool
     return [d.name for d in chosen if d in pool]
