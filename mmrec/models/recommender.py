@@ -181,32 +181,41 @@ class Recommender(nn.Module):
         seq = batch["seq"]  # (B, L+1)
         obj, content = self.cfg.objective, self._content()
         B, L1 = seq.shape
-        negs = None
-        ids = seq
+        # every item the losses need (grid, negatives, corrupted histories) goes through the tower once
+        groups = {"seq": seq}
         if obj.name == "bce":
-            negs = sample_negatives(content.n_items, (B, L1 - 1, obj.bce_negatives), generator=self.generator, exclude=seq)
-            ids = torch.cat([seq, negs.reshape(B, -1)], dim=1)
-        vecs = self.item_vectors(ids)  # (B, *, d)
-        e = vecs[:, :L1]  # (B, L+1, d)
+            groups["neg"] = sample_negatives(content.n_items, (B, L1 - 1, obj.bce_negatives), generator=self.generator, exclude=seq)
+        if obj.uses_corruption:
+            # corrupt the history the user encoder reads (the last item is kept by design)
+            groups["noisy"], noise = corrupt_sequences(seq[:, :-1], obj.corruption, content.n_items, generator=self.generator)
+        flat = torch.cat([g.reshape(-1) for g in groups.values()])
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        out = self.item_tower(content, uniq, with_modalities=obj.nicl_enabled)
+        vec, modalities = out if obj.nicl_enabled else (out, None)  # (u, d)
+        vec = vec * (uniq > 0).unsqueeze(-1)
+        parts_inv = dict(zip(groups, inv.split([g.numel() for g in groups.values()])))
+
+        def lookup(name: str, table: torch.Tensor = vec) -> torch.Tensor:
+            return table[parts_inv[name]].reshape(*groups[name].shape, table.shape[-1])
+
+        e = lookup("seq")  # (B, L+1, d)
         mask = seq[:, :-1] > 0  # (B, L)
         h = self.user_encoder(e[:, :-1], mask)  # (B, L, d)
         parts: dict[str, torch.Tensor] = {}
         if obj.name == "softmax":
             parts["main"] = next_item_softmax(h, e, seq, self.log_pop, obj.softmax_temperature)
         else:
-            neg_e = vecs[:, L1:].reshape(B, L1 - 1, obj.bce_negatives, -1)  # (B, L, K, d)
-            parts["main"] = bce_sampled(h, e[:, 1:], neg_e, (seq[:, :-1] > 0) & (seq[:, 1:] > 0))
+            parts["main"] = bce_sampled(h, e[:, 1:], lookup("neg"), (seq[:, :-1] > 0) & (seq[:, 1:] > 0))  # neg (B, L, K, d)
         if obj.nicl_enabled:
-            flat = seq.reshape(-1)
-            tv, iv, has_t, has_v = self.item_tower.modality_vectors(content, flat)
+            tp, vp, has_t, has_v = modalities
             if self.nicl_head is not None:
-                tv, iv = self.nicl_head(tv), self.nicl_head(iv)
-            both = (has_t & has_v).reshape(B, L1)
-            parts["nicl"] = nicl(tv.reshape(B, L1, -1), iv.reshape(B, L1, -1), seq * both, obj.nicl)
+                tp, vp = self.nicl_head(tp), self.nicl_head(vp)
+            tv, iv = lookup("seq", tp), lookup("seq", vp)  # (B, L+1, d)
+            both = (has_t & has_v)[parts_inv["seq"]].reshape(B, L1)
+            parts["nicl"] = nicl(tv, iv, seq * both, obj.nicl)
         if obj.uses_corruption:
-            inp = seq[:, :-1]  # (B, L): corrupt the history the user encoder reads
-            noisy, noise = corrupt_sequences(inp, obj.corruption, content.n_items, generator=self.generator)
-            h_noisy = self.user_encoder(self.item_vectors(noisy), noisy > 0)  # (B, L, d)
+            noisy = groups["noisy"]
+            h_noisy = self.user_encoder(lookup("noisy"), noisy > 0)  # (B, L, d)
             if obj.nid_weight > 0:
                 parts["nid"] = nid_loss(self.nid_head(h_noisy), noise, noisy > 0)
             if obj.rcl_weight > 0:

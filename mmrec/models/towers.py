@@ -143,22 +143,23 @@ class ImagePath(nn.Module):
 # Towers
 
 class ItemTower(nn.Module):
-    """Base: ``forward(content, idx (M,)) -> (M, d)``; ``modality_vectors`` for NICL."""
+    """Base: ``forward(content, idx (M,)) -> (M, d)``; with ``with_modalities`` also the per-modality
+    pooled vectors ``(text (M, d), image (M, d), has_text (M,), has_image (M,))`` from the same pass
+    (for NICL; None for single-modality towers)."""
 
     def __init__(self, cfg: ItemTowerConfig, dim: int):
         super().__init__()
         self.cfg, self.dim = cfg, dim
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, content: ItemContent, idx: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.encode(content, idx))
+    def forward(self, content: ItemContent, idx: torch.Tensor, with_modalities: bool = False):
+        vec, modalities = self.encode(content, idx, with_modalities)
+        vec = self.dropout(vec)
+        return (vec, modalities) if with_modalities else vec
 
-    def encode(self, content: ItemContent, idx: torch.Tensor) -> torch.Tensor:
+    def encode(self, content: ItemContent, idx: torch.Tensor, with_modalities: bool = False):
+        """``(vectors (M, d), modality vectors or None)``."""
         raise NotImplementedError
-
-    def modality_vectors(self, content: ItemContent, idx: torch.Tensor):
-        """``(text (M, d), image (M, d), has_text (M,), has_image (M,))`` or None (single-modality towers)."""
-        return None
 
 
 class IDTower(ItemTower):
@@ -169,13 +170,13 @@ class IDTower(ItemTower):
         with torch.no_grad():
             self.embedding.weight[0].zero_()
 
-    def encode(self, content: ItemContent, idx: torch.Tensor) -> torch.Tensor:
+    def encode(self, content: ItemContent, idx: torch.Tensor, with_modalities: bool = False):
         if content.n_items + 1 != self.embedding.num_embeddings:
             raise ValueError(
                 f"ID tower was built for {self.embedding.num_embeddings - 1} items, the catalog has {content.n_items}: "
                 "ID embeddings do not transfer across catalogs"
             )
-        return self.embedding(idx)  # (M, d)
+        return self.embedding(idx), None  # (M, d)
 
 
 class TextTower(ItemTower):
@@ -183,9 +184,9 @@ class TextTower(ItemTower):
         super().__init__(cfg, dim)
         self.text = TextPath(text_encoder, dim)
 
-    def encode(self, content, idx):
+    def encode(self, content, idx, with_modalities=False):
         _, _, pooled = _run_path(self.text, content, "text", idx)
-        return torch.where(content.has_text[idx].unsqueeze(-1), pooled, self.text.proj.bias)
+        return torch.where(content.has_text[idx].unsqueeze(-1), pooled, self.text.proj.bias), None
 
 
 class ImageTower(ItemTower):
@@ -193,9 +194,9 @@ class ImageTower(ItemTower):
         super().__init__(cfg, dim)
         self.image = ImagePath(image_encoder, dim)
 
-    def encode(self, content, idx):
+    def encode(self, content, idx, with_modalities=False):
         _, _, pooled = _run_path(self.image, content, "image", idx)
-        return torch.where(content.has_image[idx].unsqueeze(-1), pooled, self.image.proj.bias)
+        return torch.where(content.has_image[idx].unsqueeze(-1), pooled, self.image.proj.bias), None
 
 
 class MoMTower(ItemTower):
@@ -206,23 +207,20 @@ class MoMTower(ItemTower):
         self.text = TextPath(text_encoder, dim)
         self.image = ImagePath(image_encoder, dim)
 
-    def encode(self, content, idx):
+    def encode(self, content, idx, with_modalities=False):
         has_t, has_v = content.has_text[idx], content.has_image[idx]
         both = has_t & has_v
-        use_t = has_t & ~(both & (self.cfg.mom_both == "image"))
-        use_v = has_v & ~(both & (self.cfg.mom_both == "text"))
-        out = torch.zeros(idx.shape[0], self.dim, device=idx.device)  # (M, d)
+        use_t = (has_t & ~(both & (self.cfg.mom_both == "image"))).unsqueeze(-1)  # (M, 1)
+        use_v = (has_v & ~(both & (self.cfg.mom_both == "text"))).unsqueeze(-1)
         weight = torch.where(both & (self.cfg.mom_both == "mean"), 0.5, 1.0).unsqueeze(-1)
-        if use_t.any():
-            sel = use_t.nonzero(as_tuple=True)[0]
-            out = out.index_add(0, sel, self.text(content.rows("text", idx[sel]))[2] * weight[sel])
-        if use_v.any():
-            sel = use_v.nonzero(as_tuple=True)[0]
-            out = out.index_add(0, sel, self.image(content.rows("image", idx[sel]))[2] * weight[sel])
-        return out
-
-    def modality_vectors(self, content, idx):
-        return _both_paths(self, content, idx)
+        if with_modalities:  # NICL needs both views of every item: run both paths on all of them
+            _, _, tp = _run_path(self.text, content, "text", idx)
+            _, _, vp = _run_path(self.image, content, "image", idx)
+        else:  # each item only through the encoder of the modality it is routed to
+            _, _, tp = _run_path(self.text, content, "text", idx, only=use_t.squeeze(-1))
+            _, _, vp = _run_path(self.image, content, "image", idx, only=use_v.squeeze(-1))
+        out = torch.where(use_t, tp * weight, 0.0) + torch.where(use_v, vp * weight, 0.0)  # (M, d)
+        return out, ((tp, vp, has_t, has_v) if with_modalities else None)
 
 
 class FusedTower(ItemTower):
@@ -235,20 +233,22 @@ class FusedTower(ItemTower):
         self.image = ImagePath(image_encoder, dim)
         self.fusion = build_fusion(fusion)
 
-    def encode(self, content, idx):
+    def encode(self, content, idx, with_modalities=False):
+        has_t, has_v = content.has_text[idx], content.has_image[idx]
         tt, tm, tp = _run_path(self.text, content, "text", idx)
         vt, vm, vp = _run_path(self.image, content, "image", idx)
-        return self.fusion(text_tokens=tt, text_mask=tm, text_pooled=tp, image_tokens=vt, image_mask=vm, image_pooled=vp,
-                           has_text=content.has_text[idx], has_image=content.has_image[idx])
-
-    def modality_vectors(self, content, idx):
-        return _both_paths(self, content, idx)
+        vec = self.fusion(text_tokens=tt, text_mask=tm, text_pooled=tp, image_tokens=vt, image_mask=vm, image_pooled=vp,
+                          has_text=has_t, has_image=has_v)
+        return vec, ((tp, vp, has_t, has_v) if with_modalities else None)
 
 
-def _run_path(path: nn.Module, content: ItemContent, modality: str, idx: torch.Tensor):
-    """Run ``path`` on the items of ``idx`` that have ``modality`` only (an item without text has
-    no tokens to attend to or pool); absent rows get zero tokens, an all-False mask and zero pooled."""
+def _run_path(path: nn.Module, content: ItemContent, modality: str, idx: torch.Tensor, only: torch.Tensor | None = None):
+    """Run ``path`` on the items of ``idx`` that have ``modality`` (and are selected by ``only``):
+    an item without text has no tokens to attend to or pool. Other rows get zero tokens, an
+    all-False mask and zero pooled."""
     has = getattr(content, f"has_{modality}")[idx]  # (M,)
+    if only is not None:
+        has = has & only
     if bool(has.all()):
         return path(content.rows(modality, idx))
     sel = has.nonzero(as_tuple=True)[0]
@@ -260,12 +260,6 @@ def _run_path(path: nn.Module, content: ItemContent, modality: str, idx: torch.T
     out_m = mask.new_zeros((M, mask.shape[1])).index_copy(0, sel, mask)  # (M, T)
     out_p = pooled.new_zeros((M, pooled.shape[1])).index_copy(0, sel, pooled)  # (M, d)
     return out_t, out_m, out_p
-
-
-def _both_paths(tower, content, idx):
-    _, _, tp = _run_path(tower.text, content, "text", idx)
-    _, _, vp = _run_path(tower.image, content, "image", idx)
-    return tp, vp, content.has_text[idx], content.has_image[idx]
 
 
 ITEM_TOWERS = {"id": IDTower, "text": TextTower, "image": ImageTower, "mom": MoMTower, "fused": FusedTower}

@@ -35,11 +35,10 @@ def test_contract_shape_finite_and_every_trainable_parameter_gets_a_gradient(nam
     t = tower(name)
     content = raw_content()
     idx = torch.arange(1, N + 1)
-    out = t(content, idx)
+    out, mv = t(content, idx, with_modalities=True)
     assert out.shape == (N, D) and torch.isfinite(out).all()
     loss = out.pow(2).sum()
-    mv = t.modality_vectors(content, idx)  # what NICL trains (pooled text / image vectors)
-    if mv is not None:
+    if mv is not None:  # what NICL trains (pooled text / image vectors)
         loss = loss + mv[0].pow(2).sum() + mv[1].pow(2).sum()
     loss.backward()
     missing = [n for n, p in t.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
