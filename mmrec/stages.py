@@ -145,8 +145,10 @@ def _run_dir(cfg: PipelineConfig, stage: str, domain: str | None, key_parts: dic
     import hashlib
 
     h = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode())
-    for p in inputs:
-        h.update(p.read_bytes())
+    for p in inputs:  # the data itself (features.json carries timings, which change every run)
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
     return cfg.artifacts / "runs" / stage / (domain or "all") / h.hexdigest()[:16]
 
 
@@ -204,7 +206,7 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
     content, offsets = concat_contents([c for c, _ in parts])
     data = concat_sequences([dd for _, dd in parts], offsets)
     model_cfg, tc, ec = cfg.model(), dc.replace(cfg.train("pretrain"), progress=progress), cfg.evaluation()
-    inputs = [cfg.artifact_path("item_features", s) / "features.json" for s in sources] + [
+    inputs = [cfg.artifact_path("item_features", s) / "features.safetensors" for s in sources] + [
         cfg.artifact_path("validated_catalog", s) / "splits.parquet" for s in sources]
     run = _run_dir(cfg, "pretrained_model", None, {"model": model_cfg.to_dict(), "train": dc.asdict(tc) | {"progress": None}}, inputs)
     torch.manual_seed(tc.seed)
@@ -255,7 +257,7 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
     tc, ec, transfer = dc.replace(cfg.train("finetune"), progress=progress), cfg.evaluation(), cfg.transfer()
     item_map = pl.read_parquet(cfg.artifact_path("validated_catalog", d.name) / "item_map.parquet")
     pretrained = cfg.artifact_path("pretrained_model") / "model.safetensors"
-    inputs = [cfg.artifact_path("item_features", d.name) / "features.json",
+    inputs = [cfg.artifact_path("item_features", d.name) / "features.safetensors",
               cfg.artifact_path("validated_catalog", d.name) / "splits.parquet"]
     summary: dict[str, Any] = {"domain": d.name, "transfer": dc.asdict(transfer), "variants": {}}
     out = cfg.artifact_path("finetuned_model", d.name)
