@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmrec.data.validation import ValidationError
 
     if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # also silences transformers' weight-loading bar
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the weight-loading bar of transformers
     if args.threads:
         import torch
 
