@@ -114,12 +114,16 @@ def validated_catalog(cfg: PipelineConfig, domain: str, progress: bool = True) -
     return StageResult("validated_catalog", d.name, out, stats)
 
 
+def _read_record(cfg: PipelineConfig, stage: str, domain: str, name: str) -> dict[str, Any]:
+    path = cfg.artifact_path(stage, domain) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the {stage} stage for domain {domain!r} first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def read_stats(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
     """The statistics a finished ``validated_catalog`` stage recorded."""
-    path = cfg.artifact_path("validated_catalog", domain) / STATS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: run the validated_catalog stage for domain {domain!r} first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_record(cfg, "validated_catalog", domain, STATS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +340,7 @@ def evaluation(cfg: PipelineConfig, domain: str, progress: bool = True, tracker=
 
 def read_metrics(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
     """The result a finished ``evaluation`` stage recorded."""
-    path = cfg.artifact_path("evaluation", domain) / METRICS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: run the evaluation stage for domain {domain!r} first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_record(cfg, "evaluation", domain, METRICS)
 
 
 def metrics_table(result: dict[str, Any], ks: tuple[int, ...] = (10,)) -> str:
