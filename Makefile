@@ -9,7 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo repro ui mlflow-ui test test-slow bench clean
 
 install: $(STAMP)
 
@@ -22,16 +22,28 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the built-in demo data: generate the raw data (deterministic, so it matches
-# data.dvc), run every dvc.yaml stage (import, validation, item features, pretraining on the
-# source domains, fine-tuning + baselines and evaluation on the target), push the data to the
-# local DVC remote, print the catalog statistics and the test metrics.
+# data.dvc) and push it to the local DVC remote, then run the whole Dagster asset graph headless
+# (import, validation, item features, pretraining on the source domains, fine-tuning + baselines,
+# evaluation, quality gate, MLflow registration of the target model), and print the catalog
+# statistics, the test metrics and how to open the Dagster and MLflow UIs.
 demo: install
 	$(BIN)/mmrec demo_data --config $(CONFIG) -q
 	$(BIN)/dvc add -q data
-	$(BIN)/dvc repro
 	$(BIN)/dvc push -q
+	DAGSTER_HOME=$(CURDIR)/.dagster_home $(BIN)/python -m orchestration --config $(CONFIG)
 	$(BIN)/mmrec stats --config $(CONFIG)
-	$(BIN)/mmrec metrics --config $(CONFIG)
+
+# The same stages through DVC (dvc.yaml): re-runs only what changed since the last run.
+repro: install
+	$(BIN)/mmrec demo_data --config $(CONFIG) -q
+	$(BIN)/dvc repro
+
+# The Dagster UI (asset graph, runs, checks) and the MLflow UI (runs, registered models)
+ui: install
+	DAGSTER_HOME=$(CURDIR)/.dagster_home $(BIN)/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 test: install
 	$(BIN)/pytest -q
@@ -44,4 +56,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_catalog.py
 
 clean:
-	rm -rf artifacts bench_out .dvcstore
+	rm -rf artifacts bench_out .dvcstore .dagster_home mlflow

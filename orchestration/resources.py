@@ -1,0 +1,152 @@
+"""Dagster resources: the pipeline config (and with it the storage root), MLflow tracking, compute.
+
+The resources hold where things are and how to run, never hyper-parameters: those stay in the YAML
+file that ``PipelineResource.config_path`` names, the same file the CLI and ``dvc.yaml`` read.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+
+from mmrec.config import PipelineConfig, load_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/demo.yaml"
+CONFIG_ENV = "MMREC_CONFIG"
+
+
+def config_path(path: Optional[str] = None) -> Path:
+    """The pipeline YAML: ``path``, else ``$MMREC_CONFIG``, else ``configs/demo.yaml``. A relative
+    path is taken from the working directory when it exists there, else from the project root
+    (``dagster dev`` and the UI may run from elsewhere)."""
+    p = Path(os.path.expanduser(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG))
+    if not p.is_absolute() and not p.exists():
+        p = PROJECT_ROOT / p
+    return p.resolve()
+
+
+class PipelineResource(dg.ConfigurableResource):
+    """The pipeline YAML every asset reads; its ``artifacts`` folder is the storage root."""
+
+    config_path: str
+    """Path of the pipeline YAML (``configs/demo.yaml``, a preset-based file, ...)."""
+
+    def load(self) -> PipelineConfig:
+        return load_config(config_path(self.config_path))
+
+    @property
+    def storage_root(self) -> Path:
+        """Where the stages write their artifacts (``<root>/<artifacts>``)."""
+        return self.load().artifacts
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking and registry. One MLflow run per model-stage materialisation."""
+
+    tracking_uri: Optional[str] = None
+    """Any MLflow tracking URI; default: a sqlite store under the config's root
+    (``<root>/mlflow/mlflow.db``, artifacts in ``<root>/mlflow/artifacts``)."""
+    experiment: str = "mmrec"
+    ui_url: str = "http://127.0.0.1:5000"
+    """Where ``mlflow ui`` serves this store: the run links in the asset metadata point there."""
+    model_prefix: str = "mmrec"
+    """Registered model name: ``<model_prefix>-<domain>``."""
+
+    def uri(self, cfg: PipelineConfig) -> str:
+        from orchestration import mlflow_support as ms
+
+        return self.tracking_uri or ms.default_tracking_uri(cfg.root)
+
+    def model_name(self, domain: str) -> str:
+        return f"{self.model_prefix}-{domain}"
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def model_url(self, name: str, version: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/models/{name}/versions/{version}"
+
+    @contextmanager
+    def run(self, cfg: PipelineConfig, context: dg.AssetExecutionContext, stage: str, domain: str) -> Iterator["TrackedRun"]:
+        """An MLflow run for one asset materialisation, tagged with the stage, the domain, the git
+        commit and DVC data version (``provenance_tags``) and the Dagster run id."""
+        from orchestration import mlflow_support as ms
+
+        uri = self.uri(cfg)
+        exp_id = ms.ensure_experiment(uri, self.experiment)
+        tags = {**ms.provenance_tags(cfg.root), "stage": stage, "domain": domain, "dagster_run_id": context.run_id,
+                "dagster_partition": context.partition_key if context.has_partition_key else "",
+                "config": str(cfg.config_path)}
+        with ms.mlflow_run(uri, self.experiment, f"{stage}:{domain}", tags) as tracker:
+            yield TrackedRun(tracker, uri, exp_id, self.run_url(exp_id, tracker.run_id), tags)
+
+
+class TrackedRun:
+    """An open MLflow run: the tracker the library logs through, and where to find the run."""
+
+    def __init__(self, tracker, uri: str, experiment_id: str, url: str, tags: dict[str, str]):
+        self.tracker, self.uri, self.experiment_id, self.url, self.tags = tracker, uri, experiment_id, url, tags
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where and with how many threads torch runs inside a step."""
+
+    device: str = "cpu"
+    """Torch device. The library's stages build their models on the CPU (they take no device
+    argument yet), so only ``cpu`` is accepted; anything else fails loudly instead of silently
+    running on the CPU."""
+    threads: int = 1
+    """``torch.set_num_threads``: small models lose from threading on a small machine."""
+
+    def apply(self) -> None:
+        """Apply the settings to this process (call before a stage that runs torch)."""
+        if self.device != "cpu":
+            raise dg.Failure(f"compute device {self.device!r}: the mmrec stages run on the CPU in this version; "
+                             "set ComputeResource.device to 'cpu'")
+        if self.threads < 1:
+            raise dg.Failure(f"ComputeResource.threads must be >= 1, got {self.threads}")
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+
+class VariantTracker:
+    """Keeps the runs of several variants trained in one stage apart inside one MLflow run.
+
+    ``finetuned_model`` trains the fine-tuned model and its baselines one after the other through
+    the same tracker, announcing each with a ``variant`` tag; their per-epoch metrics have the same
+    names and steps. From that tag on, this tracker prefixes metric, parameter, tag and artifact
+    names with ``<variant>/`` (``scratch/val/NDCG@10``), so the curves stay separate.
+    """
+
+    def __init__(self, tracker):
+        self.tracker, self.prefix = tracker, ""
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+    def _p(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def log_params(self, params):
+        self.tracker.log_params({self._p(k): v for k, v in params.items()})
+
+    def log_metrics(self, metrics, step=None):
+        self.tracker.log_metrics({self._p(k): v for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path, name=None):
+        self.tracker.log_artifact(path, self._p(name or Path(path).name))
+
+    def set_tags(self, tags):
+        if "variant" in tags:
+            self.prefix = f"{tags['variant']}/"
+        self.tracker.set_tags({self._p(k): v for k, v in tags.items()})
