@@ -80,9 +80,13 @@ def save_content(content: ItemContent, out: Path, meta: dict[str, Any]) -> Path:
     for modality in ("text", "image"):
         for k, v in (getattr(content, modality) or {}).items():
             tensors[f"{modality}.{k}"] = v.contiguous()
+    # only what determines the tensors: cache hits and timings differ run to run, and a changing
+    # file would make DVC (and run keys) see a new artifact where the features are the same
+    stable = {k: v for k, v in meta.items() if k != "modalities"}
+    stable["modalities"] = {m: {"fingerprint": st["fingerprint"]} for m, st in meta.get("modalities", {}).items()}
     with atomic_dir(out) as tmp:
         save_file(tensors, tmp / FEATURES_FILE)
-        (tmp / META_FILE).write_text(json.dumps({**meta, "fingerprints": content.fingerprints}, indent=2, sort_keys=True) + "\n")
+        (tmp / META_FILE).write_text(json.dumps({**stable, "fingerprints": content.fingerprints}, indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -25,6 +25,10 @@ def main(argv=None) -> int:
             (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
         os.environ["DAGSTER_HOME"] = str(home)
     os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+    instance_yaml = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
+    if not os.path.exists(instance_yaml):  # a local instance: no telemetry, no first-visit dialog
+        with open(instance_yaml, "w", encoding="utf-8") as fh:
+            fh.write("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

@@ -89,3 +89,12 @@ def test_second_item_features_run_reads_the_cache(pipeline):
     res = stages.item_features(cfg, "films", progress=False)
     for mod, st in res.metadata["modalities"].items():
         assert st["computed"] == 0 and st["hits"] > 0, mod
+
+
+def test_item_features_artifact_is_identical_across_runs(pipeline):
+    """DVC hashes the artifact: a re-run from the cache must write the same bytes."""
+    cfg, _ = pipeline
+    out = cfg.artifact_path("item_features", "books")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    stages.item_features(cfg, "books", progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
