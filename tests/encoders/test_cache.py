@@ -255,9 +255,14 @@ def test_a_failed_write_keeps_the_previous_cache(text0, tmp_path, monkeypatch):
 # --- images --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_image_features_equal_the_bottom_per_item_in_order(k, image0, image1, images, tmp_path):
-    enc = image0 if k == 0 else image1
+@pytest.fixture(scope="module")
+def vit1() -> ImageEncoder:
+    return image_encoder(name="vit_tiny_patch16_224", trainable_blocks=1, overrides={"img_size": 64, "depth": 2})
+
+
+@pytest.mark.parametrize("k, vit", [(0, False), (1, False), (1, True)])
+def test_image_features_equal_the_bottom_per_item_in_order(k, vit, image0, image1, vit1, images, tmp_path):
+    enc = vit1 if vit else image0 if k == 0 else image1
     store, refs = images
     out = image_features(enc, refs, KEYS, store, tmp_path / "cache", batch_size=6, progress=False)
     names = ["pooled", "tokens"] if k == 0 else ["hidden"]

@@ -93,6 +93,45 @@ def test_bottom_then_top_equals_forward_features(name, k, pixels):
     torch.testing.assert_close(tokens.mean(1), pooled, atol=1e-5, rtol=0)  # 2x2 grid of a 2x2 map
 
 
+VIT = "vit_tiny_patch16_224"
+VIT_TINY = {"img_size": SIZE, "depth": 3}
+"""A 3-block ViT at 64 px: 16 patches of 16 px plus the class token."""
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, -1])
+def test_vit_split_equals_forward_features(k, pixels):
+    """PMMRec's image encoder is a CLIP ViT: the same split as a CNN, over Transformer blocks."""
+    enc = tiny(name=VIT, trainable_blocks=k, overrides=VIT_TINY).eval()
+    C = enc.out_dim
+    with torch.no_grad():
+        ref = enc.model.forward_features(pixels)  # (B, 1 + 16, C)
+        tokens, pooled = enc(pixels)
+        if k != -1:
+            assert enc.bottom(pixels).shape == (2, 17, C)
+            torch.testing.assert_close(enc.top_map(enc.bottom(pixels)), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(enc.classify(pixels), enc.model(pixels), atol=1e-5, rtol=0)
+    assert len(enc.split.stages) == 3 and enc.split.head == [enc.model.norm]
+    assert tokens.shape == (2, 4, C) and pooled.shape == (2, C)
+    torch.testing.assert_close(pooled, ref[:, 0], atol=1e-5, rtol=0)  # the class token after the final norm
+    grid = ref[:, 1:].reshape(2, 4, 4, C)  # patches in row-major order
+    torch.testing.assert_close(tokens[:, 0], grid[:, :2, :2].mean((1, 2)), atol=1e-5, rtol=0)  # top-left
+    torch.testing.assert_close(tokens[:, 3], grid[:, 2:, 2:].mean((1, 2)), atol=1e-5, rtol=0)  # bottom-right
+
+
+def test_vit_frozen_stem_holds_the_embeddings():
+    enc = tiny(name=VIT, trainable_blocks=1, overrides=VIT_TINY)
+    frozen = {id(p) for m in enc.frozen_modules() for p in m.parameters()}
+    for p in (enc.model.cls_token, enc.model.pos_embed, enc.model.patch_embed.proj.weight):
+        assert id(p) in frozen and not p.requires_grad
+    everything = tiny(name=VIT, trainable_blocks=-1, overrides=VIT_TINY)
+    assert everything.model.pos_embed.requires_grad and everything.model.cls_token.requires_grad
+
+
+def test_vit_needs_the_image_size_it_was_built_for():
+    with pytest.raises(ValueError, match=r"built for \(224, 224\) inputs but image_size is 64.*img_size: 64"):
+        tiny(name=VIT, overrides={"depth": 1})
+
+
 def test_bottom_with_nothing_trained_is_the_final_map(pixels):
     enc = tiny(trainable_blocks=0, token_grid=1).eval()
     fmap = enc.bottom(pixels)
@@ -112,10 +151,10 @@ def test_all_trainable_has_no_bottom(pixels):
 # --- freezing and gradients -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, k", [("efficientnet_lite0", 1), ("efficientnet_lite0", 2), ("resnet18", 2)])
+@pytest.mark.parametrize("name, k", [("efficientnet_lite0", 1), ("efficientnet_lite0", 2), ("resnet18", 2), (VIT, 2)])
 def test_only_top_blocks_train_and_get_gradients(name, k, pixels):
     # timm zero-inits each ResNet block's last BN gamma, which would block the gradient into the block
-    overrides = dict(zero_init_last=False) if name == "resnet18" else {}
+    overrides = {"resnet18": dict(zero_init_last=False), VIT: VIT_TINY}.get(name, {})
     enc = tiny(name=name, trainable_blocks=k, overrides=overrides).train()
     split = enc.split
     expected = {id(p) for m in [*split.stages[-k:], *split.head] for p in m.parameters()}
