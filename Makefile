@@ -9,7 +9,9 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo repro ui mlflow-ui test test-slow bench clean
+PORT ?= 5001
+
+.PHONY: install demo repro ui mlflow-ui serve test test-slow bench clean
 
 install: $(STAMP)
 
@@ -44,6 +46,11 @@ ui: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+# Serve the target model the pipeline registered (<prefix>-<domain>@champion) over HTTP with
+# `mlflow models serve`; ask it with `.venv/bin/python -m deploy.recommend --history <item ids>`
+serve: install
+	$(BIN)/python -m deploy.serve --config $(CONFIG) --port $(PORT)
 
 test: install
 	$(BIN)/pytest -q

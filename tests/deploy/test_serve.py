@@ -1,0 +1,124 @@
+"""deploy/: the registered model behind a real `mlflow models serve` process, asked over HTTP."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from deploy import recommend as client
+from deploy import serve
+from mmrec.export import export_model, load_model
+from mmrec.models.recommender import Recommender
+from orchestration import mlflow_support as ms
+from tests.conftest import REPO
+from tests.models.test_recommender import SEQ, config
+from tests.models.test_towers import N, raw_content
+
+IDS = [f"it{i}" for i in range(1, N + 1)]
+MODEL = "mmrec-shop"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A pipeline config whose root holds an MLflow store with ``mmrec-shop@champion`` (tiny fused model)."""
+    root = tmp_path_factory.mktemp("deploy")
+    torch.manual_seed(0)
+    model = Recommender(config("fused"), n_items=N).attach(raw_content(), SEQ).eval()
+    item_map = pl.DataFrame({"item_idx": list(range(1, N + 1)), "item_id": IDS})
+    model_dir = export_model(model, root / "export" / "model", item_map, "shop", {"stage": "test"})
+    uri = ms.default_tracking_uri(root)
+    with ms.mlflow_run(uri, "shop", "finetune", {"stage": "served_model"}) as tracker:
+        version = ms.register_model(uri, model_dir, MODEL, tracker.run_id, {"gate": "passed"})
+    ms.promote(uri, MODEL, version)
+    cfg = root / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "root": str(root), "artifacts": "artifacts",
+        "domains": {"books": {"role": "source", "source": {"format": "tabular", "path": "raw/books"}},
+                    "shop": {"role": "target", "source": {"format": "tabular", "path": "raw/shop"}}},
+    }))
+    return {"root": root, "uri": uri, "config": cfg, "version": version, "exported": load_model(model_dir)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_finds_the_champion_from_the_pipeline_config(registry, capsys):
+    assert serve.main(["--config", str(registry["config"]), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"models:/{MODEL}@champion -> version {registry['version']}" in out
+    assert registry["uri"] in out and "gate=passed" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--domain", "books"], "'books' is a source domain"),
+    (["--domain", "nope"], "unknown domain 'nope'"),
+    (["--domain", "shop", "--alias", "staging"], "versions 1 exist but none has the alias 'staging'"),
+    (["--model", "mmrec-ghost"], "no such registered model"),
+])
+def test_what_cannot_be_served_is_a_clear_error(registry, capsys, args, message):
+    assert serve.main(["--config", str(registry["config"]), "--check", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+
+
+def test_a_target_must_be_chosen_when_there_are_several(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"root": str(tmp_path), "artifacts": "a", "domains": {
+        "a": {"role": "target", "source": {"format": "tabular", "path": "a"}},
+        "b": {"role": "target", "source": {"format": "tabular", "path": "b"}}}}))
+    with pytest.raises(serve.ServeError, match=r"target domains \['a', 'b'\]: choose one with --domain"):
+        serve.resolve_target(str(cfg), None, None, None)
+
+
+def test_the_server_answers_like_the_exported_model(registry, capsys):
+    """Starts the real server (`mlflow models serve --env-manager local`, uvicorn) on loopback."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env["PATH"] = "/usr/bin:/bin"  # the venv is not activated: deploy.serve must put its scripts on PATH
+    log = registry["root"] / "server.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "deploy.serve", "--config", str(registry["config"]),
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not up in 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        histories = [["it1", "it2", "it3"], ["it7"]]
+        got = client.recommend(url, histories, k=4)
+        expected = registry["exported"].recommend(histories, k=4)
+        assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in expected]
+        assert [[s for _, s in r] for r in got] == [pytest.approx([s for _, s in r], abs=1e-5) for r in expected]
+        with pytest.raises(RuntimeError, match="answered 400: .*unknown item id 'ghost'"):
+            client.recommend(url, [["ghost"]])
+        assert client.main(["--url", url, "--history", "it1", "it2", "--k", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "user 1: history it1 it2" in out and out.count("\n") == 3
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)  # the server's whole process group: mlflow, uvicorn and its worker
+            proc.wait(timeout=30)
+
+
+def test_client_reports_a_server_that_is_not_there(capsys):
+    assert client.main(["--url", f"http://127.0.0.1:{free_port()}", "--history", "x"]) == 2
+    assert "Connection refused" in capsys.readouterr().err
