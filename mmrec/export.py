@@ -4,13 +4,15 @@ Layout::
 
     model.json               format, version, resolved model config, domain, metrics, provenance
     model.safetensors        every weight (encoders included: the frozen parts are the pretrained ones)
-    item_map.parquet         item_idx (1..N) -> item_id
+    item_map.parquet         item_idx (1..N) -> item_id [, train_count: interactions in training]
     item_vectors.safetensors ``item_vectors (N+1, d)``: the catalog's item vectors (row 0 = padding)
     text_encoder/            the text model's transformers config + tokenizer (when the model has text)
 
 ``load_model(path)`` rebuilds the architecture from ``model.json`` (the text encoder from the
 folder's own config and tokenizer, the image backbone from timm's code), loads the weights
-strictly, and recommends for histories of item ids using the stored item vectors.
+strictly, and recommends for histories of item ids using the stored item vectors. A user with an
+empty history (nobody to encode) gets the catalog's most popular training items when the folder
+holds ``train_count``, scored by that count.
 """
 
 from __future__ import annotations
@@ -30,8 +32,13 @@ MODEL_FORMAT = "mmrec-model"
 MODEL_VERSION = 1
 
 
-def export_model(model, out: str | Path, item_map: pl.DataFrame, domain: str, info: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (a ``Recommender`` with content attached) as a model folder, atomically."""
+def export_model(model, out: str | Path, item_map: pl.DataFrame, domain: str, info: dict[str, Any] | None = None,
+                 popularity: torch.Tensor | None = None) -> Path:
+    """Write ``model`` (a ``Recommender`` with content attached) as a model folder, atomically.
+
+    ``popularity`` (N+1,) counts each item's training interactions (row 0 = padding): stored as
+    ``train_count`` and used for users with an empty history.
+    """
     out = Path(out)
     model.eval()
     vectors = model.all_item_vectors()
@@ -44,7 +51,13 @@ def export_model(model, out: str | Path, item_map: pl.DataFrame, domain: str, in
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
         save_file({"item_vectors": vectors.contiguous()}, tmp / "item_vectors.safetensors")
-        item_map.select("item_idx", "item_id").sort("item_idx").write_parquet(tmp / "item_map.parquet")
+        items = item_map.select("item_idx", "item_id").sort("item_idx")
+        if popularity is not None:
+            if tuple(popularity.shape) != (vectors.shape[0],):
+                raise ValueError(f"popularity has shape {tuple(popularity.shape)}, expected ({vectors.shape[0]},) (items + padding)")
+            counts = popularity.to(torch.int64)[items["item_idx"].to_torch()]
+            items = items.with_columns(train_count=pl.Series(counts.numpy(), dtype=pl.Int64))
+        items.write_parquet(tmp / "item_map.parquet")
         meta = {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
@@ -65,6 +78,8 @@ class ExportedModel:
     item_ids: list[str]
     item_vectors: torch.Tensor
     meta: dict[str, Any]
+    popularity: torch.Tensor | None = None
+    """(N+1,) training interactions per item (row 0 = padding), or None; ranks empty histories."""
 
     def __post_init__(self):
         self._index = {iid: i + 1 for i, iid in enumerate(self.item_ids)}
@@ -77,7 +92,11 @@ class ExportedModel:
 
     @torch.no_grad()
     def recommend(self, histories: list[list[str]], k: int = 10, exclude_history: bool = True) -> list[list[tuple[str, float]]]:
-        """Top-``k`` ``(item_id, score)`` per history of item ids (oldest first)."""
+        """Top-``k`` ``(item_id, score)`` per history of item ids (oldest first).
+
+        An empty history gets the most popular training items scored by their training count when
+        the model has ``popularity`` (else the user encoder's output for an all-padding sequence).
+        """
         L = self.model.cfg.max_len
         rows = [[self.item_index(i) for i in h][-L:] for h in histories]
         hist = torch.zeros(len(rows), L, dtype=torch.long)
@@ -85,6 +104,12 @@ class ExportedModel:
             if h:
                 hist[r, L - len(h):] = torch.tensor(h)
         scores = self.model.user_vectors(hist, self.item_vectors) @ self.item_vectors.T  # (U, N+1)
+        if self.popularity is not None:
+            cold = [r for r, h in enumerate(rows) if not h]
+            if cold:
+                pop = torch.zeros(scores.shape[1])
+                pop[: self.popularity.shape[0]] = self.popularity.to(pop.dtype)  # items added later count 0
+                scores[cold] = pop
         scores[:, 0] = -torch.inf
         if exclude_history:
             for r, h in enumerate(histories):
@@ -128,5 +153,8 @@ def load_model(path: str | Path) -> ExportedModel:
     vectors = load_file(path / "item_vectors.safetensors")["item_vectors"]
     if item_map["item_idx"].to_list() != list(range(1, vectors.shape[0])):
         raise ValueError(f"{path}: item_map.parquet does not match item_vectors ({item_map.height} vs {vectors.shape[0] - 1} items)")
-    return ExportedModel(model, item_map["item_id"].to_list(), vectors, meta)
+    popularity = None
+    if "train_count" in item_map.columns:
+        popularity = torch.cat([torch.zeros(1, dtype=torch.int64), item_map["train_count"].cast(pl.Int64).to_torch()])
+    return ExportedModel(model, item_map["item_id"].to_list(), vectors, meta, popularity)
 

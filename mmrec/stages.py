@@ -264,6 +264,8 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
     inputs = [cfg.artifact_path("item_features", d.name) / "features.safetensors",
               cfg.artifact_path("validated_catalog", d.name) / "splits.parquet"]
     summary: dict[str, Any] = {"domain": d.name, "transfer": dc.asdict(transfer), "variants": {}}
+    train_items = pl.read_parquet(inputs[1])["train"].explode().drop_nulls().to_torch()
+    popularity = torch.bincount(train_items, minlength=content.n_items + 1)  # serves users with no history
     out = cfg.artifact_path("finetuned_model", d.name)
     with atomic_dir(out) as tmp:
         for name, (mcfg, part) in _variants(cfg).items():
@@ -284,7 +286,8 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
             result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size)
             info = {"variant": name, "transfer": part, "valid_metrics": result.best_metrics, "best_step": result.best_step,
                     "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run)}
-            export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info)
+            export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info,
+                         popularity)
             summary["variants"][name] = info
         write_json(tmp / "summary.json", summary)
     return StageResult("finetuned_model", d.name, out, summary)

@@ -7,7 +7,8 @@ time. The file only imports ``mmrec``, ``torch`` and ``pandas``: the serving env
 
 Input: a DataFrame, one row per request.
 
-``history``   list of item ids, oldest first (required; may be empty). Every id must be in the
+``history``   list of item ids, oldest first (required; may be empty: a new user gets the most
+              popular training items, scored by their training count). Every id must be in the
               model's catalog or among the row's ``new_items``; an unknown id is an error.
 ``k``         number of recommendations (optional column, per row; else ``params={"k": ...}``;
               else 10).
@@ -155,7 +156,7 @@ class MMRecModel(PythonModel):
                 raise ValueError(f"new item id {iid!r} is already in the catalog or given twice")
             ids.append(iid)
         vecs = encode_new_items(exp.model, new_items)
-        return ExportedModel(exp.model, exp.item_ids + ids, torch.cat([exp.item_vectors, vecs]), exp.meta)
+        return ExportedModel(exp.model, exp.item_ids + ids, torch.cat([exp.item_vectors, vecs]), exp.meta, exp.popularity)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

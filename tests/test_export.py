@@ -46,3 +46,21 @@ def test_unknown_item_and_bad_folder(tmp_path):
         loaded.recommend([["ghost"]])
     with pytest.raises(FileNotFoundError, match="model.json"):
         load_model(tmp_path)
+
+
+def test_empty_history_gets_the_most_popular_training_items(tmp_path):
+    torch.manual_seed(0)
+    model = Recommender(config("fused"), n_items=N).attach(raw_content(), SEQ).eval()
+    item_map = pl.DataFrame({"item_idx": list(range(1, N + 1)), "item_id": [f"it{i}" for i in range(1, N + 1)]})
+    counts = torch.zeros(N + 1, dtype=torch.int64)
+    counts[[5, 9, 2]] = torch.tensor([7, 4, 1])  # it5 > it9 > it2 > the rest (0)
+    loaded = load_model(export_model(model, tmp_path / "m", item_map, "shop", popularity=counts))
+    assert pl.read_parquet(tmp_path / "m" / "item_map.parquet")["train_count"].to_list()[4] == 7
+    cold, warm = loaded.recommend([[], ["it1"]], k=3)
+    assert cold == [("it5", 7.0), ("it9", 4.0), ("it2", 1.0)]
+    plain = load_model(export_model(model, tmp_path / "n", item_map, "shop")).recommend([["it1"]], k=3)[0]
+    assert [i for i, _ in warm] == [i for i, _ in plain]  # a history is unaffected by the counts
+    assert [s for _, s in warm] == pytest.approx([s for _, s in plain], abs=1e-5)
+    with pytest.raises(ValueError, match=r"popularity has shape \(3,\), expected \(13,\)"):
+        export_model(model, tmp_path / "bad", item_map, "shop", popularity=torch.ones(3))
+    assert not (tmp_path / "bad").exists()
