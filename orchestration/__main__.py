@@ -68,6 +68,11 @@ def main(argv=None) -> int:
           f"             then open http://127.0.0.1:3000/asset-groups\n"
           f"MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {mlflow.uri(cfg)} --port 5000\n"
           f"             then open {mlflow.ui_url}")
+    targets = stages.stage_domains(cfg, "evaluation")
+    cfg_arg = "" if path == config_path(DEFAULT_CONFIG) else f" --config {path}"
+    dom_arg = "" if len(targets) == 1 else f" --domain {targets[0]}"
+    print(f"Serve:       .venv/bin/python -m deploy.serve{cfg_arg}{dom_arg}   (or make serve)\n"
+          f"             then .venv/bin/python -m deploy.recommend --history <item ids>")
     return 0
 
 

@@ -149,6 +149,7 @@ def test_the_headless_run_ends_with_the_metrics_table_and_where_to_look(graph):
     assert stages.metrics_table(stages.read_metrics(graph["cfg"], "films"), (5, 10)) in out
     assert f"quality gate (NDCG@10 vs ['scratch'], margin -1.0): passed: registered and promoted as {MODEL_NAME}" in out
     assert "dagster dev -m orchestration.definitions" in out and f"mlflow ui --backend-store-uri {graph['uri']}" in out
+    assert f"python -m deploy.serve --config {graph['path']}" in out  # a non-default config is named
 
 
 def test_validation_and_gate_checks_passed(graph):
