@@ -29,7 +29,9 @@ Determinism and exact resume
 Files under ``out_dir`` (one writer at a time)::
 
     checkpoint/            the latest checkpoint, replaced atomically (written to a temporary
-      model.safetensors    sibling folder, then renamed)
+      model.safetensors    sibling folder, then renamed); the weights being trained and every
+                           buffer, not the frozen parameters (pretrained encoders: the bulk of
+                           the model), whose sha256 is recorded instead and checked on loading
       trainer.pt           optimizer + scheduler state, torch / CUDA / torch-generator RNG states
                            (loads with torch.load(weights_only=True))
       state.json           counters, best so far, patience, history, numpy / random RNG states, config
@@ -60,7 +62,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -443,6 +446,63 @@ def _join_rng(tensors: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, 
 
 
 # -- files ------------------------------------------------------------------------------------------
+FROZEN_DIGEST = "mmrec.frozen_sha256"
+"""safetensors metadata key: sha256 of the frozen parameters left out of a weights file."""
+
+
+def _frozen_names(model: nn.Module) -> set[str]:
+    """State-dict names of the parameters that do not train (tied parameters under every name)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _frozen_digest(state: Mapping[str, torch.Tensor], names: set[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(names):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """The trained parameters and all buffers to ``path``; the frozen ones only as a digest.
+
+    A frozen pretrained text encoder is ~90% of a CPU model's bytes and never changes during
+    training, so checkpoints and best-model files stay small; ``_load_weights`` checks that the
+    model it loads into holds the same frozen weights.
+    """
+    state = model.state_dict()
+    frozen = _frozen_names(model)
+    kept = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if k not in frozen}
+    save_file(kept, str(path), metadata={FROZEN_DIGEST: _frozen_digest(state, frozen), "frozen_tensors": str(len(frozen))})
+
+
+def _load_weights(model: nn.Module, path: Path, device: torch.device) -> None:
+    """Load a file of ``_save_weights`` (or a full state dict): every key must fit the model, the
+    left-out ones must be exactly its frozen parameters, with the digest recorded at saving."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    saved = load_file(str(path), device=str(device))
+    own = model.state_dict()
+    unexpected, missing = sorted(set(saved) - set(own)), set(own) - set(saved)
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} tensors the model does not have (first: {unexpected[:5]})")
+    if FROZEN_DIGEST in meta:
+        frozen = _frozen_names(model)
+        if missing != frozen:
+            raise ValueError(f"{path}: left out {len(missing)} tensors but the model has {len(frozen)} frozen ones; "
+                             f"missing and trained: {sorted(missing - frozen)[:5]}, frozen but stored: "
+                             f"{sorted(frozen - missing)[:5]}")
+        if _frozen_digest(own, frozen) != meta[FROZEN_DIGEST]:
+            raise ValueError(f"{path}: the model's frozen weights are not those this file was trained with "
+                             "(another pretrained encoder or checkpoint?); start a new run")
+    elif missing:
+        raise ValueError(f"{path}: {len(missing)} tensors missing (first: {sorted(missing)[:5]})")
+    model.load_state_dict(saved, strict=False)
+
+
 def _recover(out_dir: Path) -> None:
     """Undo what a hard kill inside ``atomic_dir`` can leave: a half-written temporary folder, or
     (killed between its two renames) the previous version moved aside and no current one."""
@@ -478,7 +538,7 @@ def _best_meta(state: TrainState, cfg: TrainConfig) -> dict:
 
 def _save_best(out_dir: Path, model: nn.Module, state: TrainState, cfg: TrainConfig) -> None:
     with atomic_dir(out_dir / BEST) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         write_json(tmp / "metrics.json", _best_meta(state, cfg))
 
 
@@ -502,7 +562,7 @@ def _save_checkpoint(
 ) -> None:
     rng_tensors, rng_json = _split_rng(_capture_rng(generators))
     with atomic_dir(out_dir / CHECKPOINT) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         _write_trainer_state(tmp / "trainer.pt", optimizer, scheduler, rng_tensors)
         if state.best_step >= 0:
             meta = _read_best_meta(out_dir)
@@ -550,7 +610,7 @@ def _load_checkpoint(
         raise ValueError(f"{ckpt}: unsupported checkpoint format {meta.get('format')!r} (expected {STATE_FORMAT})")
     state = TrainState(**meta["state"])
     _check_resumable(meta["config"], cfg, state.n_examples, n, ckpt)
-    load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+    _load_weights(model, ckpt / "model.safetensors", device)
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
@@ -783,7 +843,7 @@ def train(
 
     best_path = out_dir / BEST / "model.safetensors"
     if state.best_step >= 0:
-        load_model(model, str(best_path), strict=True, device=str(device))
+        _load_weights(model, best_path, device)
         tracker.log_metrics(numeric_metrics(state.best_metrics, "best/"), step=state.step)
         tracker.log_artifact(out_dir / BEST / "metrics.json", "best_metrics.json")
     model.eval()

@@ -513,3 +513,54 @@ def test_progress_bar_shows_loss_and_metric(tmp_path, capsys):
     assert "loss=" in err and "NDCG@10=" in err
     run(tmp_path / "b", cfg_(max_steps=11, progress=False))
     assert capsys.readouterr().err == ""
+
+
+# -- frozen parameters stay out of weight files ---------------------------------------------------------
+def frozen_toy(init_seed: int = 0, frozen_seed: int = 5) -> Toy:
+    """A Toy whose embedding is frozen (a pretrained encoder's stand-in), set by ``frozen_seed``."""
+    model = Toy(init_seed)
+    model.emb.load_state_dict(Toy(frozen_seed).emb.state_dict())
+    model.emb.requires_grad_(False)
+    return model
+
+
+def test_weight_files_hold_the_trained_tensors_and_a_digest_of_the_frozen_ones(tmp_path):
+    from safetensors import safe_open
+
+    cfg = cfg_(max_steps=12, eval_every=4, checkpoint_every=4)
+    model = frozen_toy()
+    res = train(model, Pairs(), collate, evaluate, cfg, tmp_path / "run")
+    for path in (tmp_path / "run" / "checkpoint" / "model.safetensors", res.best_path):
+        assert sorted(load_file(path)) == ["out.bias", "out.weight", "seen"]
+        with safe_open(str(path), framework="pt") as f:
+            assert len(f.metadata()["mmrec.frozen_sha256"]) == 64
+    assert torch.equal(model.emb.weight, Toy(5).emb.weight)  # never trained
+
+    # uninterrupted vs killed + resumed into a fresh model with the same frozen part: same end
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(frozen_toy(), Pairs(), collate, evaluate, cfg, out, hook=killer("step", 10))
+    resumed = frozen_toy(init_seed=99)
+    train(resumed, Pairs(), collate, evaluate, cfg, out)
+    assert_same_state(resumed.state_dict(), model.state_dict())
+
+    # other frozen weights than those trained with: refused, nothing loaded silently
+    with pytest.raises(ValueError, match="frozen weights are not those this file was trained with"):
+        train(frozen_toy(frozen_seed=6), Pairs(), collate, evaluate, cfg, out)
+    # another freezing (the embedding now trains): the file lacks trained tensors
+    with pytest.raises(ValueError, match=r"missing and trained: \['emb.weight'\]"):
+        train(Toy(), Pairs(), collate, evaluate, cfg, out)
+
+
+def test_full_state_files_from_before_still_load(tmp_path):
+    from safetensors.torch import save_model
+
+    from mmrec.training import _load_weights
+
+    src, dst = frozen_toy(init_seed=1), frozen_toy(init_seed=2)
+    save_model(src, str(tmp_path / "full.safetensors"))
+    _load_weights(dst, tmp_path / "full.safetensors", torch.device("cpu"))
+    assert_same_state(dst.state_dict(), src.state_dict())
+    save_model(nn.Linear(2, 2), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="tensors the model does not have"):
+        _load_weights(dst, tmp_path / "other.safetensors", torch.device("cpu"))
