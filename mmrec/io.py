@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: nothing already stored is lost or half-written.
+"""Atomic file and folder writes (nothing already stored is lost or half-written), and digests.
 
 Every artifact is written to a temporary sibling path first and renamed into place only once
 it is complete. A crash or an exception leaves the previous version untouched and removes the
@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +77,21 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
     with atomic_file(target, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True, default=str)
         fh.write("\n")
+
+
+def tensor_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """sha256 hex of ``(name, tensor)`` pairs in the given order: names, shapes, dtypes and bytes.
+
+    The fingerprint of weights: the feature cache keys encoders by it, and checkpoints record the
+    frozen parameters they leave out by it.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

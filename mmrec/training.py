@@ -68,7 +68,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mmrec.io import atomic_dir, write_json
+from mmrec.io import atomic_dir, tensor_digest, write_json
 from mmrec.tracking import NullTracker, Tracker, flatten, numeric_metrics
 
 CHECKPOINT = "checkpoint"
@@ -456,14 +456,7 @@ def _frozen_names(model: nn.Module) -> set[str]:
 
 
 def _frozen_digest(state: Mapping[str, torch.Tensor], names: set[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(names):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensor_digest((name, state[name]) for name in sorted(names))
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

@@ -19,11 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="pipeline YAML (default: $MMREC_CONFIG or configs/demo.yaml)")
     args = p.parse_args(argv)
     if not os.environ.get("DAGSTER_HOME"):
-        home = PROJECT_ROOT / ".dagster_home"
-        home.mkdir(exist_ok=True)
-        if not (home / "dagster.yaml").exists():
-            (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
-        os.environ["DAGSTER_HOME"] = str(home)
+        os.environ["DAGSTER_HOME"] = str(PROJECT_ROOT / ".dagster_home")
     os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
     instance_yaml = os.path.join(os.environ["DAGSTER_HOME"], "dagster.yaml")
     if not os.path.exists(instance_yaml):  # a local instance: no telemetry, no first-visit dialog

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mmrec.io import tensor_digest
+
 POOLINGS = ("cls", "mean", "attention")
 
 
@@ -127,13 +129,7 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 def hash_state(modules: list[nn.Module]) -> str:
     """sha256 of the names, shapes, dtypes and bytes of every tensor in ``modules``' state dicts."""
-    h = hashlib.sha256()
-    for i, module in enumerate(modules):
-        for key, t in module.state_dict().items():
-            t = t.detach().cpu().contiguous()
-            h.update(f"{i}.{key}|{tuple(t.shape)}|{t.dtype};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensor_digest((f"{i}.{key}", t) for i, module in enumerate(modules) for key, t in module.state_dict().items())
 
 
 class AttentionPooling(nn.Module):

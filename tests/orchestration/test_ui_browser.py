@@ -28,7 +28,6 @@ The tests skip when ``/usr/bin/chromium`` is absent; with ``MMREC_REQUIRE_BROWSE
 environment (meant for CI, where ``.ci/run`` installs Chromium) they fail instead.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -429,8 +428,6 @@ def check_asset_graph(server: Server, names: list[str], screenshot: Path) -> Pag
 @pytest.fixture
 def dagster_ui(chromium, tmp_path):
     """``dagster-webserver -m orchestration.definitions`` on loopback, for the project's config."""
-    if importlib.util.find_spec("orchestration.definitions") is None:
-        pytest.skip("orchestration/definitions.py (the Dagster code location) does not exist yet")
     server = start_dagster_webserver(["-m", "orchestration.definitions"], tmp_path / "dagster_home",
                                      tmp_path / "dagster-webserver.log", cwd=REPO)
     try:
