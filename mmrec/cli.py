@@ -69,17 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrec", description="ID-free transferable multimodal recommendation pipeline.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str, domains: bool = True):  # noqa: A002
+    seed_help = ("pretraining and fine-tuning seed; unless it is the configured one, artifacts go to "
+                 "<artifacts>-seed<N> (runs of several seeds side by side)")
+
+    def add(name: str, help: str, domains: bool = True, seed: bool = True):  # noqa: A002
         sp = sub.add_parser(name, help=help, description=help, aliases=[name.replace("_", "-")] if "_" in name else [])
         sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--threads", type=int, help="torch CPU threads (small models run faster on 1; default: torch's)")
         if domains:
             sp.add_argument("--domain", action="append", help="domain to run (repeatable; default: all)")
+        if seed:
+            sp.add_argument("--seed", type=int, help=seed_help)
         sp.set_defaults(command=name)
         return sp
 
-    add("demo_data", "Generate the built-in synthetic multi-domain demo data into the raw data folder.", domains=False)
+    add("demo_data", "Generate the built-in synthetic multi-domain demo data into the raw data folder.", domains=False, seed=False)
     add("raw_catalog", "Import each domain's raw data into the catalog contract.")
     add("validated_catalog", "Validate each raw catalog (Great Expectations) and preprocess it as in the papers.")
     add("item_features", "Compute (or read from the feature cache) the frozen encoder outputs of every item.")
@@ -88,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluation", "Full-ranking test metrics of the fine-tuned model, its baselines and zero-shot.")
     add("run", "Run every stage in order for the selected domains.")
     add("stats", "Print the statistics recorded by validated_catalog.")
-    add("metrics", "Print the test metrics tables recorded by evaluation (target domains).")
+    m = add("metrics", "Print the test metrics tables recorded by evaluation (target domains); with several "
+            "--seed, the mean and standard deviation over those runs.", seed=False)
+    m.add_argument("--seed", type=int, action="append", help=seed_help + "; repeat to aggregate runs")
     return p
 
 
@@ -107,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config)
+        seeds = getattr(args, "seed", None)
+        if isinstance(seeds, int):
+            cfg = cfg.with_seed(seeds)
         if args.command == "demo_data":
             from mmrec.data.synthetic import generate_demo
 
@@ -122,7 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = [cfg.domain(n).name for n in args.domain] if args.domain else [d.name for d in cfg.domains]
             print(_stats_table([(n, stages.read_stats(cfg, n)) for n in names]))
             return 0
+        if args.command == "metrics" and seeds and len(seeds) > 1:
+            for name in stages.stage_domains(cfg, "evaluation", args.domain):
+                runs = {seed: stages.read_metrics(cfg.with_seed(seed), name) for seed in seeds}
+                print(stages.metrics_summary_table(runs) + "\n")
+            return 0
         if args.command == "metrics":
+            if seeds:
+                cfg = cfg.with_seed(seeds[0])
             for name in stages.stage_domains(cfg, "evaluation", args.domain):
                 res = stages.read_metrics(cfg, name)
                 print(stages.metrics_table(res))

@@ -251,6 +251,19 @@ class PipelineConfig:
         such as the pretrained model)."""
         return self.artifacts / stage / domain if domain else self.artifacts / stage
 
+    def with_seed(self, seed: int) -> PipelineConfig:
+        """This config with ``seed`` for pretraining and fine-tuning (``mmrec --seed``). Unless both
+        phases already use that seed, its artifacts move to the sibling folder ``<artifacts>-seed<N>``
+        so that the runs of several seeds sit side by side (the feature cache, keyed by encoder and
+        not by seed, stays shared)."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        phases = ("pretrain", "finetune")
+        if all((self.sections.get(p) or {}).get("seed") == seed for p in phases):
+            return self
+        sections = {**self.sections, **{p: {**(self.sections.get(p) or {}), "seed": seed} for p in phases}}
+        return dataclasses.replace(self, sections=sections, artifacts=self.artifacts.with_name(f"{self.artifacts.name}-seed{seed}"))
+
     @property
     def sources(self) -> list[DomainConfig]:
         return [d for d in self.domains if d.role == "source"]

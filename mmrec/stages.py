@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,40 @@ def metrics_table(result: dict[str, Any], ks: tuple[int, ...] = (10,)) -> str:
     any_m = next(iter(result["models"].values()))
     lines.append(f"\n{result['domain']}, {result['split']} split: {any_m['n_users']} users, "
                  f"{any_m['n_cold_users']} with a cold-start target; values in %.")
+    return "\n".join(lines)
+
+
+def metrics_summary_table(runs: dict[int, dict[str, Any]], ks: tuple[int, ...] = (10,)) -> str:
+    """A Markdown table of several evaluation results of one domain (one per seed): mean and sample
+    standard deviation of HR/NDCG/MRR at ``ks``, all users and cold-start, for the models every run has."""
+    if len(runs) < 2:
+        raise ValueError(f"a summary needs the results of at least two runs, got {len(runs)}")
+    results = list(runs.values())
+    domains = {r["domain"] for r in results}
+    if len(domains) != 1:
+        raise ValueError(f"the runs evaluated different domains: {sorted(domains)}")
+    users = {next(iter(r["models"].values()))["n_users"] for r in results}
+    if len(users) != 1:
+        raise ValueError(f"the runs evaluated different test sets: {sorted(users)} users")
+    names = [n for n in results[0]["models"] if all(n in r["models"] for r in results)]
+    cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]
+    cols += [f"cold/{c}" for c in cols]
+    head = ["model", *[c.replace("/", " ") for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for c in cols:
+            vals = [r["models"][name].get(c) for r in results]
+            if any(v is None for v in vals):
+                cells.append("-")
+                continue
+            v = [100 * float(x) for x in vals]
+            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    passed = sum(bool(r["gate"]["passed"]) for r in results)
+    lines.append(f"\n{domains.pop()}, {results[0]['split']} split, {users.pop()} users: mean ± sample standard "
+                 f"deviation over seeds {sorted(runs)} (n={len(runs)}); values in %. Quality gate passed in "
+                 f"{passed} of {len(runs)} runs.")
     return "\n".join(lines)
 
 

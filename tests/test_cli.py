@@ -1,11 +1,13 @@
 """The CLI: one command per stage, clear errors with exit status 2, stats table."""
 
+import json
 import subprocess
 import sys
 
 import yaml
 
 from mmrec import cli, stages
+from mmrec.config import load_config
 from tests.conftest import REPO, edit_csv
 from tests.test_stages import _config
 
@@ -62,3 +64,28 @@ def test_demo_data_command(tmp_path, capsys):
     assert (tmp_path / "data" / "demo" / "a" / "items.csv").is_file()
     assert (tmp_path / "data" / "demo" / "b" / "interactions.csv").is_file()
     assert "a: 12 users, 16 items" in capsys.readouterr().out
+
+
+def test_seed_runs_a_stage_into_its_own_artifacts_folder(tmp_path, capsys):
+    cfg = load_config(_config(tmp_path))
+    assert cli.main(["raw_catalog", "--config", str(cfg.config_path), "-q", "--seed", "4"]) == 0
+    assert (cfg.with_seed(4).artifact_path("raw_catalog", "shop")).is_dir()
+    assert cfg.with_seed(4).artifacts.name.endswith("-seed4") and not cfg.artifacts.exists()
+
+
+def test_metrics_over_several_seeds_prints_mean_and_std(tmp_path, capsys):
+    from tests.test_stages import _result
+
+    cfg = load_config(_config(tmp_path))
+    for seed, hr in ((0, 0.2), (1, 0.3)):
+        res = _result(hr, 0.1, domain="shop")
+        out = cfg.with_seed(seed).artifact_path("evaluation", "shop")
+        out.mkdir(parents=True)
+        (out / stages.METRICS).write_text(json.dumps(res))
+    assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "0", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| finetuned | 25.00 ± 7.07 | 10.00 ± 0.00 |" in out and "seeds [0, 1] (n=2)" in out
+    assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "1"]) == 0  # one seed: that run's table
+    assert "| finetuned | 30.00 | 10.00 |" in capsys.readouterr().out
+    assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "0", "--seed", "2"]) == 2  # seed 2 never ran
+    assert "seed2" in capsys.readouterr().err

@@ -396,3 +396,26 @@ def test_repo_configs_have_valid_model_sections():
     for name in ("demo", "real"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.model().item_tower.name == "fused" and cfg.evaluation().gate_metric == "NDCG@10"
+
+
+def test_with_seed_sets_both_phases_and_moves_the_artifacts(tmp_path):
+    cfg = load_config(_write(tmp_path, LIST_FORM + "    pretrain: {seed: 0, epochs: 2}\n    finetune: {seed: 0}\n"))
+    assert cfg.with_seed(0) is cfg  # the configured seed: the same run, the same folder
+    s1 = cfg.with_seed(1)
+    assert s1.artifacts == tmp_path / "out" / "arts-seed1"
+    assert s1.sections["pretrain"] == {"seed": 1, "epochs": 2} and s1.sections["finetune"] == {"seed": 1}
+    assert s1.train("pretrain").seed == 1 and s1.train("finetune").seed == 1
+    assert cfg.sections["pretrain"]["seed"] == 0 and cfg.artifacts == tmp_path / "out" / "arts"  # untouched
+    assert s1.with_seed(1) is s1
+
+
+def test_with_seed_moves_the_artifacts_when_a_phase_uses_the_default_seed(tmp_path):
+    cfg = load_config(_write(tmp_path, LIST_FORM + "    pretrain: {seed: 3}\n"))  # finetune: default seed
+    assert cfg.with_seed(3).artifacts.name == "arts-seed3"
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "1", True])
+def test_with_seed_rejects_what_is_not_a_seed(tmp_path, seed):
+    cfg = load_config(_write(tmp_path, LIST_FORM))
+    with pytest.raises(ConfigError, match="seed must be a non-negative integer"):
+        cfg.with_seed(seed)

@@ -102,3 +102,39 @@ def test_validated_catalog_needs_raw_catalog(tmp_path):
     cfg = load_config(_config(tmp_path))
     with pytest.raises(Exception, match="raw_catalog"):
         stages.validated_catalog(cfg, "shop", progress=False)
+
+
+def _result(hr, ndcg, passed=True, domain="films", users=100, cold=True):
+    m = {"HR@10": hr, "NDCG@10": ndcg, "MRR@10": ndcg / 2, "n_users": users, "n_cold_users": 3}
+    if cold:
+        m["cold/HR@10"] = hr / 2
+    return {"domain": domain, "split": "test", "gate": {"metric": "NDCG@10", "margin": 0.0, "against": ["id"], "passed": passed},
+            "models": {"finetuned": m, "id": {**m, "HR@10": hr - 0.1}}}
+
+
+def test_metrics_summary_table_gives_mean_and_sample_std_per_model():
+    table = stages.metrics_summary_table({0: _result(0.10, 0.05), 1: _result(0.12, 0.07, passed=False),
+                                          2: _result(0.14, 0.06)})
+    lines = table.splitlines()
+    assert lines[0] == ("| model | HR@10 | NDCG@10 | MRR@10 | cold HR@10 | cold NDCG@10 | cold MRR@10 |")
+    # HR 10, 12, 14 %: mean 12, sample std 2; NDCG 5, 7, 6: mean 6, std 1; MRR half of it; cold HR half of HR
+    assert lines[2] == "| finetuned | 12.00 ± 2.00 | 6.00 ± 1.00 | 3.00 ± 0.50 | 6.00 ± 1.00 | - | - |"
+    assert lines[3].startswith("| id | 2.00 ± 2.00 | 6.00 ± 1.00 |")
+    assert "seeds [0, 1, 2] (n=3)" in table and "passed in 2 of 3 runs" in table and "100 users" in table
+
+
+def test_metrics_summary_table_keeps_the_models_every_run_has():
+    partial = _result(0.1, 0.05)
+    del partial["models"]["id"]
+    table = stages.metrics_summary_table({0: _result(0.1, 0.05), 1: partial})
+    assert "| finetuned |" in table and "| id |" not in table
+
+
+@pytest.mark.parametrize("runs, match", [
+    ({0: _result(0.1, 0.05)}, "at least two runs"),
+    ({0: _result(0.1, 0.05), 1: _result(0.1, 0.05, domain="books")}, "different domains"),
+    ({0: _result(0.1, 0.05), 1: _result(0.1, 0.05, users=99)}, "different test sets"),
+])
+def test_metrics_summary_table_refuses_runs_that_do_not_compare(runs, match):
+    with pytest.raises(ValueError, match=match):
+        stages.metrics_summary_table(runs)
