@@ -41,7 +41,7 @@ def resolve_target(config: str | None, domain: str | None, model: str | None, tr
         return tracking_uri, model
     from mmrec.config import load_config
     from orchestration import mlflow_support as ms
-    from orchestration.resources import config_path
+    from orchestration.paths import config_path
 
     cfg = load_config(config_path(config))
     uri = tracking_uri or ms.default_tracking_uri(cfg.root)

@@ -4,7 +4,6 @@ The resources hold where things are and how to run, never hyper-parameters: thos
 file that ``PipelineResource.config_path`` names, the same file the CLI and ``dvc.yaml`` read.
 """
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,20 +12,7 @@ from typing import Optional
 import dagster as dg
 
 from mmrec.config import PipelineConfig, load_config
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "configs/demo.yaml"
-CONFIG_ENV = "MMREC_CONFIG"
-
-
-def config_path(path: Optional[str] = None) -> Path:
-    """The pipeline YAML: ``path``, else ``$MMREC_CONFIG``, else ``configs/demo.yaml``. A relative
-    path is taken from the working directory when it exists there, else from the project root
-    (``dagster dev`` and the UI may run from elsewhere)."""
-    p = Path(os.path.expanduser(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG))
-    if not p.is_absolute() and not p.exists():
-        p = PROJECT_ROOT / p
-    return p.resolve()
+from orchestration.paths import CONFIG_ENV, DEFAULT_CONFIG, PROJECT_ROOT, config_path  # noqa: F401 (re-exported)
 
 
 class PipelineResource(dg.ConfigurableResource):

@@ -59,6 +59,15 @@ def test_check_finds_the_champion_from_the_pipeline_config(registry, capsys):
     assert registry["uri"] in out and "gate=passed" in out
 
 
+def test_the_check_does_not_import_dagster_or_torch(registry):
+    """The server's start-up path stays light: finding the model needs the config and MLflow only."""
+    code = ("import sys; from deploy import serve; rc = serve.main(['--config', sys.argv[1], '--check']); "
+            "print(rc, sorted(m for m in ('dagster', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(registry["config"])], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--domain", "books"], "'books' is a source domain"),
     (["--domain", "nope"], "unknown domain 'nope'"),
