@@ -392,6 +392,13 @@ def metrics_summary_table(runs: dict[int, dict[str, Any]], ks: tuple[int, ...] =
     lines.append(f"\n{domains.pop()}, {results[0]['split']} split, {users.pop()} users: mean ± sample standard "
                  f"deviation over seeds {sorted(runs)} (n={len(runs)}); values in %. Quality gate passed in "
                  f"{passed} of {len(runs)} runs.")
+    gates = [r["gate"] for r in results]
+    if all(g.get("best_baseline") is not None for g in gates):
+        # paired by seed: the spread of the gap, not of the two rows, says whether the gain is noise
+        gaps = [100 * (g["finetuned"] - g["best_baseline"]) for g in gates]
+        lines.append(f"{gates[0]['metric']} of the fine-tuned model minus the best of {gates[0]['against']}, "
+                     f"paired by seed: {statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps):.2f} "
+                     f"(positive in {sum(g > 0 for g in gaps)} of {len(gaps)}).")
     return "\n".join(lines)
 
 

@@ -108,7 +108,9 @@ def _result(hr, ndcg, passed=True, domain="films", users=100, cold=True):
     m = {"HR@10": hr, "NDCG@10": ndcg, "MRR@10": ndcg / 2, "n_users": users, "n_cold_users": 3}
     if cold:
         m["cold/HR@10"] = hr / 2
-    return {"domain": domain, "split": "test", "gate": {"metric": "NDCG@10", "margin": 0.0, "against": ["id"], "passed": passed},
+    gate = {"metric": "NDCG@10", "margin": 0.0, "against": ["id"], "passed": passed, "finetuned": ndcg,
+            "best_baseline": ndcg - 0.01 if passed else ndcg + 0.02}
+    return {"domain": domain, "split": "test", "gate": gate,
             "models": {"finetuned": m, "id": {**m, "HR@10": hr - 0.1}}}
 
 
@@ -121,6 +123,16 @@ def test_metrics_summary_table_gives_mean_and_sample_std_per_model():
     assert lines[2] == "| finetuned | 12.00 ± 2.00 | 6.00 ± 1.00 | 3.00 ± 0.50 | 6.00 ± 1.00 | - | - |"
     assert lines[3].startswith("| id | 2.00 ± 2.00 | 6.00 ± 1.00 |")
     assert "seeds [0, 1, 2] (n=3)" in table and "passed in 2 of 3 runs" in table and "100 users" in table
+    # gaps +1, -2, +1 points: mean 0, sample std sqrt(3)
+    assert lines[-1] == ("NDCG@10 of the fine-tuned model minus the best of ['id'], paired by seed: "
+                         "+0.00 ± 1.73 (positive in 2 of 3).")
+
+
+def test_metrics_summary_table_has_no_gap_line_without_a_baseline():
+    runs = {0: _result(0.1, 0.05), 1: _result(0.12, 0.05)}
+    for r in runs.values():
+        r["gate"]["best_baseline"] = None
+    assert "paired by seed" not in stages.metrics_summary_table(runs)
 
 
 def test_metrics_summary_table_keeps_the_models_every_run_has():
