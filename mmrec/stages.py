@@ -392,13 +392,17 @@ def metrics_summary_table(runs: dict[int, dict[str, Any]], ks: tuple[int, ...] =
     lines.append(f"\n{domains.pop()}, {results[0]['split']} split, {users.pop()} users: mean ± sample standard "
                  f"deviation over seeds {sorted(runs)} (n={len(runs)}); values in %. Quality gate passed in "
                  f"{passed} of {len(runs)} runs.")
-    gates = [r["gate"] for r in results]
-    if all(g.get("best_baseline") is not None for g in gates):
-        # paired by seed: the spread of the gap, not of the two rows, says whether the gain is noise
-        gaps = [100 * (g["finetuned"] - g["best_baseline"]) for g in gates]
-        lines.append(f"{gates[0]['metric']} of the fine-tuned model minus the best of {gates[0]['against']}, "
-                     f"paired by seed: {statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps):.2f} "
-                     f"(positive in {sum(g > 0 for g in gaps)} of {len(gaps)}).")
+    metric = results[0]["gate"]["metric"]
+    if "finetuned" in names and all(metric in r["models"][n] for r in results for n in names):
+        # paired by seed: the spread of the gap, not of the two rows, says whether a gain is noise
+        gaps = []
+        for name in names:
+            if name == "finetuned":
+                continue
+            g = [100 * (r["models"]["finetuned"][metric] - r["models"][name][metric]) for r in results]
+            gaps.append(f"{name} {statistics.mean(g):+.2f} ± {statistics.stdev(g):.2f} ({sum(x > 0 for x in g)} of {len(g)} positive)")
+        if gaps:
+            lines.append(f"{metric} of the fine-tuned model minus each other model, paired by seed: " + "; ".join(gaps) + ".")
     return "\n".join(lines)
 
 

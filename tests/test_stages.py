@@ -123,23 +123,25 @@ def test_metrics_summary_table_gives_mean_and_sample_std_per_model():
     assert lines[2] == "| finetuned | 12.00 ± 2.00 | 6.00 ± 1.00 | 3.00 ± 0.50 | 6.00 ± 1.00 | - | - |"
     assert lines[3].startswith("| id | 2.00 ± 2.00 | 6.00 ± 1.00 |")
     assert "seeds [0, 1, 2] (n=3)" in table and "passed in 2 of 3 runs" in table and "100 users" in table
-    # gaps +1, -2, +1 points: mean 0, sample std sqrt(3)
-    assert lines[-1] == ("NDCG@10 of the fine-tuned model minus the best of ['id'], paired by seed: "
-                         "+0.00 ± 1.73 (positive in 2 of 3).")
+    # the fine-tuned model's NDCG equals the id model's in every run: a gap of 0 +- 0, never positive
+    assert lines[-1] == "NDCG@10 of the fine-tuned model minus each other model, paired by seed: id +0.00 ± 0.00 (0 of 3 positive)."
 
 
-def test_metrics_summary_table_has_no_gap_line_without_a_baseline():
+def test_metrics_summary_table_pairs_the_gaps_by_seed():
+    runs = {s: _result(0.1, 0.05) for s in range(3)}
+    for r, gap in zip(runs.values(), (0.01, -0.02, 0.01)):
+        r["models"]["id"] = {**r["models"]["id"], "NDCG@10": 0.05 - gap}
+        r["models"]["scratch"] = {**r["models"]["id"], "NDCG@10": 0.03}
+    last = stages.metrics_summary_table(runs).splitlines()[-1]
+    # gaps +1, -2, +1 points: mean 0, sample std sqrt(3); scratch always 2 points below
+    assert last.endswith("id +0.00 ± 1.73 (2 of 3 positive); scratch +2.00 ± 0.00 (3 of 3 positive).")
+
+
+def test_metrics_summary_table_has_no_gap_line_without_the_finetuned_model():
     runs = {0: _result(0.1, 0.05), 1: _result(0.12, 0.05)}
     for r in runs.values():
-        r["gate"]["best_baseline"] = None
+        r["models"]["other"] = r["models"].pop("finetuned")
     assert "paired by seed" not in stages.metrics_summary_table(runs)
-
-
-def test_metrics_summary_table_keeps_the_models_every_run_has():
-    partial = _result(0.1, 0.05)
-    del partial["models"]["id"]
-    table = stages.metrics_summary_table({0: _result(0.1, 0.05), 1: partial})
-    assert "| finetuned |" in table and "| id |" not in table
 
 
 @pytest.mark.parametrize("runs, match", [
