@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("stats", "Print the statistics recorded by validated_catalog.")
     m = add("metrics", "Print the test metrics tables recorded by evaluation (target domains); with several "
             "--seed, the mean and standard deviation over those runs.", seed=False)
-    m.add_argument("--seed", type=int, action="append", help=seed_help + "; repeat to aggregate runs")
+    m.add_argument("--seed", dest="seeds", type=int, action="append", help=seed_help + "; repeat to aggregate runs")
     return p
 
 
@@ -114,9 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config)
-        seeds = getattr(args, "seed", None)
-        if isinstance(seeds, int):
-            cfg = cfg.with_seed(seeds)
+        if getattr(args, "seed", None) is not None:
+            cfg = cfg.with_seed(args.seed)
         if args.command == "demo_data":
             from mmrec.data.synthetic import generate_demo
 
@@ -132,14 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = [cfg.domain(n).name for n in args.domain] if args.domain else [d.name for d in cfg.domains]
             print(_stats_table([(n, stages.read_stats(cfg, n)) for n in names]))
             return 0
-        if args.command == "metrics" and seeds and len(seeds) > 1:
+        if args.command == "metrics" and args.seeds and len(args.seeds) > 1:
             for name in stages.stage_domains(cfg, "evaluation", args.domain):
-                runs = {seed: stages.read_metrics(cfg.with_seed(seed), name) for seed in seeds}
+                runs = {seed: stages.read_metrics(cfg.with_seed(seed), name) for seed in args.seeds}
                 print(stages.metrics_summary_table(runs) + "\n")
             return 0
         if args.command == "metrics":
-            if seeds:
-                cfg = cfg.with_seed(seeds[0])
+            if args.seeds:
+                cfg = cfg.with_seed(args.seeds[0])
             for name in stages.stage_domains(cfg, "evaluation", args.domain):
                 res = stages.read_metrics(cfg, name)
                 print(stages.metrics_table(res))

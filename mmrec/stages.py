@@ -347,14 +347,20 @@ def read_metrics(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
     return _read_record(cfg, "evaluation", domain, METRICS)
 
 
-def metrics_table(result: dict[str, Any], ks: tuple[int, ...] = (10,)) -> str:
-    """A Markdown table of an evaluation result: HR/NDCG/MRR at ``ks``, all users and cold-start."""
+def _metric_columns(ks: tuple[int, ...]) -> tuple[list[str], list[str]]:
+    """The metric keys of a metrics table (HR/NDCG/MRR at ``ks``, then their ``cold/`` versions) and
+    its Markdown header (the first two lines)."""
     cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]
     head = ["model", *cols, *[f"cold {c}" for c in cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return [*cols, *[f"cold/{c}" for c in cols]], ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def metrics_table(result: dict[str, Any], ks: tuple[int, ...] = (10,)) -> str:
+    """A Markdown table of an evaluation result: HR/NDCG/MRR at ``ks``, all users and cold-start."""
+    keys, lines = _metric_columns(ks)
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     for name, m in result["models"].items():
-        lines.append("| " + " | ".join([name, *[fmt(m.get(c)) for c in cols], *[fmt(m.get(f"cold/{c}")) for c in cols]]) + " |")
+        lines.append("| " + " | ".join([name, *[fmt(m.get(c)) for c in keys]]) + " |")
     any_m = next(iter(result["models"].values()))
     lines.append(f"\n{result['domain']}, {result['split']} split: {any_m['n_users']} users, "
                  f"{any_m['n_cold_users']} with a cold-start target; values in %.")
@@ -374,13 +380,10 @@ def metrics_summary_table(runs: dict[int, dict[str, Any]], ks: tuple[int, ...] =
     if len(users) != 1:
         raise ValueError(f"the runs evaluated different test sets: {sorted(users)} users")
     names = [n for n in results[0]["models"] if all(n in r["models"] for r in results)]
-    cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]
-    cols += [f"cold/{c}" for c in cols]
-    head = ["model", *[c.replace("/", " ") for c in cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys, lines = _metric_columns(ks)
     for name in names:
         cells = [name]
-        for c in cols:
+        for c in keys:
             vals = [r["models"][name].get(c) for r in results]
             if any(v is None for v in vals):
                 cells.append("-")
