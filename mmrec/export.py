@@ -18,6 +18,7 @@ holds ``train_count``, scored by that count.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,18 +72,58 @@ def export_model(model, out: str | Path, item_map: pl.DataFrame, domain: str, in
 
 
 @dataclass
+class Ranking:
+    """One user's top-k: item ids and scores, best first. ``source`` says what the scores are:
+    ``"model"`` (user vector . item vector) or ``"popularity"`` (training interactions, for an
+    empty history)."""
+
+    item_ids: list[str]
+    scores: list[float]
+    source: str
+
+    def pairs(self) -> list[tuple[str, float]]:
+        return list(zip(self.item_ids, self.scores))
+
+
+@dataclass
 class ExportedModel:
-    """A loaded model folder: the network, the catalog's item ids and vectors."""
+    """A loaded model folder: the network, the catalog's item ids and vectors.
+
+    Everything ``recommend`` needs per request is built once here: the id -> row map, the mask
+    of rows that are never recommended (padding, ``blocked``) and the popularity scores.
+    """
 
     model: Any
     item_ids: list[str]
     item_vectors: torch.Tensor
     meta: dict[str, Any]
     popularity: torch.Tensor | None = None
-    """(N+1,) training interactions per item (row 0 = padding), or None; ranks empty histories."""
+    """(N+1,) training interactions per item (row 0 = padding), or None; ranks empty histories.
+    Shorter than ``item_vectors`` when items were added later: those count 0."""
+    blocked: torch.Tensor | None = None
+    """(N+1,) bool: rows that are never recommended (removed or superseded items); None = none."""
 
     def __post_init__(self):
+        n = len(self.item_ids)
+        if self.item_vectors.shape[0] != n + 1:
+            raise ValueError(f"item_vectors has {self.item_vectors.shape[0]} rows, expected {n + 1} (items + padding)")
         self._index = {iid: i + 1 for i, iid in enumerate(self.item_ids)}
+        if len(self._index) != n:
+            raise ValueError(f"item ids are not unique ({n - len(self._index)} repeated)")
+        blocked = torch.zeros(n + 1, dtype=torch.bool) if self.blocked is None else self.blocked.clone()
+        blocked[0] = True
+        self._blocked = blocked
+        self._mask = torch.zeros(n + 1).masked_fill(blocked, -torch.inf)  # (N+1,) added to every score row
+        self._pop = None
+        if self.popularity is not None:
+            pop = torch.zeros(n + 1)
+            m = min(n + 1, self.popularity.shape[0])
+            pop[:m] = self.popularity[:m].to(pop.dtype)
+            self._pop = pop + self._mask
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
 
     def item_index(self, item_id: str) -> int:
         try:
@@ -90,37 +131,125 @@ class ExportedModel:
         except KeyError:
             raise KeyError(f"unknown item id {item_id!r} (not in this model's catalog of {len(self.item_ids)} items)") from None
 
-    @torch.no_grad()
-    def recommend(self, histories: list[list[str]], k: int = 10, exclude_history: bool = True) -> list[list[tuple[str, float]]]:
-        """Top-``k`` ``(item_id, score)`` per history of item ids (oldest first).
+    def rows(self, items) -> list[int]:
+        """Catalog rows of item ids (a KeyError names the first unknown one)."""
+        index = self._index
+        try:
+            return [index[i] for i in items]
+        except (KeyError, TypeError):
+            for i in items:
+                self.item_index(i)
+            raise
 
-        An empty history gets the most popular training items scored by their training count when
-        the model has ``popularity`` (else the user encoder's output for an all-padding sequence).
-        """
+    def user_vectors(self, histories: list[list]) -> torch.Tensor:
+        """``(U, d)`` user vectors of histories (oldest first) of catalog rows (int) and/or item
+        vectors ``(d,)`` of items given by content; the last ``max_len`` entries count."""
         L = self.model.cfg.max_len
-        rows = [[self.item_index(i) for i in h][-L:] for h in histories]
-        hist = torch.zeros(len(rows), L, dtype=torch.long)
-        for r, h in enumerate(rows):
-            if h:
+        hist = torch.zeros(len(histories), L, dtype=torch.long)  # (U, L) left-padded rows
+        extra: list[tuple[int, int, torch.Tensor]] = []
+        for r, h in enumerate(histories):
+            h = h[-L:]
+            if not h:
+                continue
+            if all(isinstance(i, int) for i in h):
                 hist[r, L - len(h):] = torch.tensor(h)
-        scores = self.model.user_vectors(hist, self.item_vectors) @ self.item_vectors.T  # (U, N+1)
-        if self.popularity is not None:
-            cold = [r for r, h in enumerate(rows) if not h]
-            if cold:
-                pop = torch.zeros(scores.shape[1])
-                pop[: self.popularity.shape[0]] = self.popularity.to(pop.dtype)  # items added later count 0
-                scores[cold] = pop
-        scores[:, 0] = -torch.inf
-        if exclude_history:
-            for r, h in enumerate(histories):
-                if h:
-                    scores[r, [self._index[i] for i in h]] = -torch.inf
-        k = min(k, len(self.item_ids))
-        top = scores.topk(k, dim=1)
-        return [
-            [(self.item_ids[int(j) - 1], float(s)) for s, j in zip(srow, jrow) if torch.isfinite(s)]
-            for srow, jrow in zip(top.values, top.indices)
-        ]
+            else:
+                for c, i in enumerate(h, start=L - len(h)):
+                    if isinstance(i, int):
+                        hist[r, c] = i
+                    else:
+                        extra.append((r, c, i))
+        if not extra:
+            return self.model.user_vectors(hist, self.item_vectors)  # (U, d)
+        x = self.item_vectors[hist]  # (U, L, d)
+        mask = hist > 0  # (U, L)
+        for r, c, v in extra:
+            x[r, c] = v
+            mask[r, c] = True
+        enc = self.model.user_encoder
+        return enc.user_vector(enc(x, mask), mask)  # (U, d)
+
+    def search(self, users: torch.Tensor, k: int, seen: list[list[int]]) -> tuple[list[list[float]], list[list[int]]]:
+        """Exact top-``k`` rows over the whole catalog for user vectors ``(U, d)``, never a blocked
+        row nor a row of ``seen[u]``. Returns (scores, rows) per user; fewer than ``k`` when the
+        catalog runs out."""
+        scores = torch.mm(users, self.item_vectors.T)  # (U, N+1)
+        scores += self._mask
+        r = [u for u, s in enumerate(seen) for _ in s]
+        if r:
+            scores[r, [i for s in seen for i in s]] = -torch.inf
+        return _top(scores, k)
+
+    def _search_in(self, user: torch.Tensor, k: int, seen: list[int], allowed: list[int]) -> tuple[list[float], list[int]]:
+        """Exact top-``k`` of one user vector ``(d,)`` among the rows ``allowed`` only."""
+        rows = torch.tensor(sorted(set(allowed)), dtype=torch.long)
+        scores = self.item_vectors[rows] @ user + self._mask[rows]  # (m,)
+        if seen:
+            scores[torch.isin(rows, torch.tensor(seen, dtype=torch.long))] = -torch.inf
+        vals, pos = _top(scores[None], k)
+        return vals[0], rows[pos[0]].tolist()
+
+    @torch.no_grad()
+    def rank(self, histories: list[list], k: int = 10, exclude_history: bool = True,
+             allowed: list[list[str] | None] | None = None) -> list[Ranking]:
+        """Top-``k`` per history, best first (see ``Ranking``).
+
+        ``histories``: per user, item ids and/or ``(d,)`` vectors of items given by content, oldest
+        first. ``exclude_history`` leaves the history's catalog items out of the answer;
+        ``allowed[u]`` (optional) restricts user ``u``'s answer to those item ids. An empty
+        history gets the most popular training items scored by their training count when the
+        model has ``popularity`` (``source="popularity"``), else the user encoder's output for an
+        all-padding sequence.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        allowed = allowed if allowed is not None else [None] * len(histories)
+        if len(allowed) != len(histories):
+            raise ValueError(f"allowed has {len(allowed)} entries for {len(histories)} histories")
+        rows = [[self.item_index(i) if isinstance(i, str) else i for i in h] if h else [] for h in histories]
+        seen = [[i for i in h if isinstance(i, int)] if exclude_history else [] for h in rows]
+        allowed_rows = [None if a is None else self.rows(a) for a in allowed]
+        k = min(k, self.n_items)
+        out: list[Ranking | None] = [None] * len(rows)
+        cold = [u for u, h in enumerate(rows) if not h] if self._pop is not None else []
+        for u in cold:
+            if allowed_rows[u] is None:
+                vals, idx = _top(self._pop[None], k)
+                vals, idx = vals[0], idx[0]
+            else:
+                sub = torch.tensor(sorted(set(allowed_rows[u])), dtype=torch.long)
+                vals, pos = _top(self._pop[sub][None], k)
+                vals, idx = vals[0], sub[pos[0]].tolist()
+            out[u] = self._ranking(vals, idx, "popularity")
+        warm = [u for u in range(len(rows)) if out[u] is None]
+        if warm:
+            users = self.user_vectors([rows[u] for u in warm])  # (W, d)
+            free = [j for j, u in enumerate(warm) if allowed_rows[u] is None]
+            if free:
+                vals, idx = self.search(users[free], k, [seen[warm[j]] for j in free])
+                for j, v, i in zip(free, vals, idx):
+                    out[warm[j]] = self._ranking(v, i, "model")
+            for j, u in enumerate(warm):
+                if allowed_rows[u] is not None:
+                    out[u] = self._ranking(*self._search_in(users[j], k, seen[u], allowed_rows[u]), "model")
+        return out
+
+    def _ranking(self, scores: list[float], rows: list[int], source: str) -> Ranking:
+        ids = self.item_ids
+        keep = [n for n, s in enumerate(scores) if s != -math.inf]
+        if len(keep) == len(scores):
+            return Ranking([ids[i - 1] for i in rows], scores, source)
+        return Ranking([ids[rows[n] - 1] for n in keep], [scores[n] for n in keep], source)
+
+    def recommend(self, histories: list[list[str]], k: int = 10, exclude_history: bool = True) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(item_id, score)`` per history of item ids (oldest first); see ``rank``."""
+        return [r.pairs() for r in self.rank(histories, k, exclude_history)]
+
+
+def _top(scores: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """Top-``k`` of each row of ``scores (U, M)`` as Python lists (values, column indices)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top.values.tolist(), top.indices.tolist()
 
 
 def load_model(path: str | Path) -> ExportedModel:
