@@ -8,6 +8,11 @@ NineRec/PMMRec LMDBs hold, under the ASCII item id, a pickled ``LMDB_Image`` obj
 uint8 array (``channels``, ``size``, ``image`` bytes). Those pickles are read with a restricted
 unpickler that only rebuilds that one class, so a hostile file cannot run code. Values that are
 encoded image files (JPEG/PNG bytes) are read as well.
+
+A reference that cannot be read fails with an ``ImageError`` whose ``status`` says why, so that a
+report tells the user what to fix at the source (``FAILURES``). A store that is not what it is
+configured as (a file or folder that is not an LMDB) is not a per-image failure: it raises
+``ImageStoreError`` naming the path, once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +29,27 @@ from PIL import Image, UnidentifiedImageError
 
 STORE_KINDS = ("files", "lmdb")
 
+FAILURES = {
+    "missing": "no such file or LMDB key",
+    "escapes": "the reference leaves the image folder (refused, never opened)",
+    "not_an_image": "the data is not an image format PIL can identify",
+    "truncated": "the image data ends early (a partial download or copy)",
+    "too_many_pixels": "width x height above the pixel limit (validation.max_image_pixels)",
+    "unreadable": "an identified image or LMDB entry that cannot be decoded",
+}
+"""Why an image reference cannot be used: ``ImageError.status`` -> what it means."""
+
 
 class ImageError(Exception):
-    """An image reference cannot be read; ``status`` says why."""
+    """An image reference cannot be read; ``status`` (a key of ``FAILURES``) says why."""
 
     def __init__(self, ref: str, status: str, detail: str):
         super().__init__(f"image {ref!r}: {detail}")
         self.ref, self.status, self.detail = ref, status, detail
+
+
+class ImageStoreError(ValueError):
+    """The store itself is unusable (e.g. configured as an LMDB but not one); names its path."""
 
 
 class LMDB_Image:  # noqa: N801 - the class name NineRec/PMMRec pickles carry
@@ -57,17 +77,55 @@ class _LmdbUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
 
 
-def _decode(data: bytes, ref: str) -> Image.Image:
+def _broken(ref: str, exc: BaseException) -> ImageError:
+    """``truncated`` when PIL ran out of data, else ``unreadable``."""
+    truncated = isinstance(exc, EOFError) or "truncat" in str(exc).lower()
+    return ImageError(ref, "truncated" if truncated else "unreadable", f"cannot be decoded ({exc})")
+
+
+def _check_pixels(ref: str, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(ref, "too_many_pixels", f"{width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,}")
+
+
+def _decode(data: bytes, ref: str, max_pixels: int | None = None) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # forces a full decode: catches truncated files, not just bad headers
+        img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
     except UnidentifiedImageError as exc:
-        raise ImageError(ref, "corrupt", "not a readable image file") from exc
+        raise ImageError(ref, "not_an_image", "not an image file PIL can identify") from exc
     except Image.DecompressionBombError as exc:  # a tiny file claiming a huge canvas
-        raise ImageError(ref, "corrupt", f"refused: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(ref, "corrupt", f"cannot be decoded ({exc})") from exc
+        raise ImageError(ref, "too_many_pixels", f"refused: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _broken(ref, exc) from exc
+    _check_pixels(ref, *img.size, max_pixels)
+    try:
+        img.load()  # forces a full decode: catches truncated files, not just bad headers
+    except Image.DecompressionBombError as exc:
+        raise ImageError(ref, "too_many_pixels", f"refused: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _broken(ref, exc) from exc
     return img.convert("RGB")
+
+
+def _decode_lmdb_image(data: bytes, ref: str, max_pixels: int | None) -> Image.Image:
+    """A pickled ``LMDB_Image``: the size is checked before the array is built."""
+    try:
+        obj = _LmdbUnpickler(io.BytesIO(data)).load()
+        (height, width), channels, raw = (int(x) for x in obj.size), int(obj.channels), obj.image
+        if not isinstance(raw, bytes):
+            raise TypeError(f"image is {type(raw).__name__}, not bytes")
+    except Exception as exc:  # any broken pickle is an unreadable entry, reported as such
+        raise ImageError(ref, "unreadable", f"LMDB entry is not a valid LMDB_Image ({exc})") from exc
+    _check_pixels(ref, width, height, max_pixels)
+    need = height * width * channels
+    if len(raw) != need:
+        raise ImageError(ref, "truncated" if len(raw) < need else "unreadable",
+                         f"LMDB_Image holds {len(raw)} bytes, a {height}x{width}x{channels} array needs {need}")
+    arr = obj.get_image()
+    try:
+        return Image.fromarray(arr.squeeze(-1) if channels == 1 else arr).convert("RGB")
+    except (TypeError, ValueError) as exc:  # e.g. 2 channels
+        raise ImageError(ref, "unreadable", f"LMDB_Image with {channels} channels cannot be an image ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -107,24 +165,23 @@ class ImageStore:
                 raise ImageError(ref, "missing", f"cannot be read: {exc}") from exc
         return _lmdb_get(self.root, ref)
 
-    def read(self, ref: str) -> Image.Image:
-        """The decoded RGB image for ``ref``; raises ``ImageError`` (status missing/corrupt/escapes)."""
+    def read(self, ref: str, max_pixels: int | None = None) -> Image.Image:
+        """The decoded RGB image for ``ref``; raises ``ImageError`` (``status``: a key of ``FAILURES``).
+
+        ``max_pixels`` refuses larger images from their header, before decoding (a 169-megapixel
+        image costs about 1 GB per decode); None leaves only PIL's decompression-bomb guard.
+        """
         if self.kind == "lmdb":
             data = _lmdb_get(self.root, ref)
             if data[:1] == b"\x80":  # pickle protocol >= 2
-                try:
-                    obj = _LmdbUnpickler(io.BytesIO(data)).load()
-                    arr = obj.get_image()
-                except Exception as exc:  # any broken pickle is a corrupt entry, reported as such
-                    raise ImageError(ref, "corrupt", f"LMDB entry is not a valid LMDB_Image ({exc})") from exc
-                return Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).convert("RGB")
-            return _decode(data, ref)
-        return _decode(self.read_bytes(ref), ref)
+                return _decode_lmdb_image(data, ref, max_pixels)
+            return _decode(data, ref, max_pixels)
+        return _decode(self.read_bytes(ref), ref, max_pixels)
 
-    def check(self, ref: str) -> str:
-        """``ok`` or the failure status of ``ref`` (missing, corrupt, escapes)."""
+    def check(self, ref: str, max_pixels: int | None = None) -> str:
+        """``ok`` or the failure status of ``ref`` (a key of ``FAILURES``)."""
         try:
-            self.read(ref)
+            self.read(ref, max_pixels)
         except ImageError as exc:
             return exc.status
         return "ok"
@@ -139,6 +196,15 @@ class ImageStore:
             return exc.status
         return "ok"
 
+    def verify(self) -> None:
+        """Raise ``ImageStoreError`` if an existing LMDB store cannot be opened as one.
+
+        A store that does not exist at all is left to the per-image checks (every image is then
+        ``missing``), as for a files store.
+        """
+        if self.kind == "lmdb" and self.root.exists():
+            _lmdb_env(self.root)
+
 
 _LMDB_ENVS: dict[tuple[Path, int, int], object] = {}
 """Open read-only environments, keyed by path AND the data file's inode and mtime: a database
@@ -150,21 +216,40 @@ by long-running processes such as the Dagster daemon."""
 os.register_at_fork(after_in_child=_LMDB_ENVS.clear)
 
 
-def _lmdb_get(root: Path, ref: str) -> bytes:
+_LMDB_LOCK = threading.Lock()
+"""LMDB refuses a second open of an environment in one process: validation's image threads open
+through this lock, so only the first opens and the others wait and reuse the cached one."""
+
+
+def _lmdb_env(root: Path):
+    """The cached read-only environment at ``root``; FileNotFoundError if nothing is there."""
     import lmdb
 
     data_file = root / "data.mdb" if root.is_dir() else root
+    if root.is_dir() and not data_file.exists():
+        if not any(root.iterdir()):
+            raise FileNotFoundError(data_file)
+        raise ImageStoreError(f"{root}: configured as an LMDB image store, but the folder holds no data.mdb (not an LMDB)")
+    st = data_file.stat()  # FileNotFoundError when the store is absent
+    key = (root, st.st_ino, st.st_mtime_ns)
+    with _LMDB_LOCK:
+        env = _LMDB_ENVS.get(key)
+        if env is None:
+            for stale in [k for k in _LMDB_ENVS if k[0] == root]:
+                _LMDB_ENVS.pop(stale).close()
+            try:
+                env = lmdb.open(str(root), readonly=True, lock=False, readahead=False, subdir=root.is_dir())
+            except lmdb.Error as exc:
+                raise ImageStoreError(f"{root}: configured as an LMDB image store, but it cannot be opened as one ({exc})") from None
+            _LMDB_ENVS[key] = env
+    return env
+
+
+def _lmdb_get(root: Path, ref: str) -> bytes:
     try:
-        st = data_file.stat()
+        env = _lmdb_env(root)
     except FileNotFoundError:
         raise ImageError(ref, "missing", f"LMDB not found: {root}") from None
-    key = (root, st.st_ino, st.st_mtime_ns)
-    env = _LMDB_ENVS.get(key)
-    if env is None:
-        for stale in [k for k in _LMDB_ENVS if k[0] == root]:
-            _LMDB_ENVS.pop(stale).close()
-        env = lmdb.open(str(root), readonly=True, lock=False, readahead=False, subdir=root.is_dir())
-        _LMDB_ENVS[key] = env
     with env.begin() as txn:
         data = txn.get(ref.encode("utf-8"))
     if data is None:

@@ -1,4 +1,4 @@
-"""Image stores: files and LMDB, statuses missing/corrupt/escapes, restricted unpickling."""
+"""Image stores: files and LMDB, one status per kind of failure, a pixel limit, restricted unpickling."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import pickle
 import struct
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -15,7 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmrec.data.images import STORE_KINDS, ImageError, ImageStore, LMDB_Image, _LmdbUnpickler, write_lmdb
+from mmrec.data import images
+from mmrec.data.images import (
+    FAILURES, STORE_KINDS, ImageError, ImageStore, ImageStoreError, LMDB_Image, _LmdbUnpickler, write_lmdb,
+)
 
 RGB = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3) * 7  # (H=4, W=3, C=3), all pixels distinct
 
@@ -83,18 +88,41 @@ def test_files_missing(folder, ref):
     assert _status_of(store, ref) == "missing"
 
 
-@pytest.mark.parametrize("ref", ["truncated.png", "random.png", "text.png"])
-def test_files_corrupt_is_found_by_check_not_by_exists(folder, ref):
+@pytest.mark.parametrize("ref, status", [
+    ("truncated.png", "truncated"), ("random.png", "not_an_image"), ("text.png", "not_an_image"),
+])
+def test_files_broken_is_found_by_check_not_by_exists(folder, ref, status):
     store = ImageStore("files", folder)
-    assert store.check(ref) == "corrupt"
+    assert store.check(ref) == status
     assert store.exists(ref) == "ok"  # exists only looks for the file, it does not decode
-    assert _status_of(store, ref) == "corrupt"
+    assert _status_of(store, ref) == status
 
 
-def test_truncated_png_is_corrupt_although_its_header_is_fine(folder):
+def test_truncated_png_is_truncated_although_its_header_is_fine(folder):
     # the header alone opens: only a full decode finds the truncation
     Image.open(folder / "truncated.png")
-    assert ImageStore("files", folder).check("truncated.png") == "corrupt"
+    assert ImageStore("files", folder).check("truncated.png") == "truncated"
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_each_kind_of_failure_has_its_own_status(folder):
+    # regression: every decode failure used to be reported as 'corrupt'
+    noisy = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    jpg = _jpeg(noisy)
+    (folder / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])  # a partial download
+    (folder / "cut_header.png").write_bytes(_png(RGB)[:20])  # ends inside the PNG header
+    (folder / "notes.jpg").write_text("not a picture", encoding="utf-8")
+    (folder / "bad_idat.png").write_bytes(_png(RGB).replace(b"IDAT", b"IDAT\xff\xff", 1))
+    store = ImageStore("files", folder)
+    got = {ref: store.check(ref) for ref in ("cut.jpg", "cut_header.png", "notes.jpg", "bad_idat.png")}
+    assert got == {"cut.jpg": "truncated", "cut_header.png": "truncated", "notes.jpg": "not_an_image",
+                   "bad_idat.png": "unreadable"}
+    assert set(got.values()) | {"missing", "escapes", "too_many_pixels"} == set(FAILURES)
 
 
 @pytest.mark.parametrize("ref", ["../secret.png", "../../etc/passwd", "sub/../../secret.png", "/etc/passwd", "", "a\x00b"])
@@ -149,9 +177,30 @@ def _bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
 
 
-def test_decompression_bomb_header_is_corrupt(folder):
+def test_decompression_bomb_header_is_too_many_pixels(folder):
     (folder / "bomb.png").write_bytes(_bomb_png(20000, 20000))
-    assert ImageStore("files", folder).check("bomb.png") == "corrupt"
+    assert ImageStore("files", folder).check("bomb.png") == "too_many_pixels"
+
+
+def test_pixel_limit_refuses_from_the_header_before_decoding(folder, monkeypatch):
+    # regression: a 13000 x 13000 (169 MP) image is below PIL's bomb limit and used to pass
+    (folder / "huge.png").write_bytes(_bomb_png(13000, 13000))
+    store = ImageStore("files", folder)
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    assert store.check("huge.png", max_pixels=50_000_000) == "too_many_pixels"
+    with pytest.raises(ImageError, match=r"13000x13000 = 169,000,000 pixels, above the limit of 50,000,000"):
+        store.read("huge.png", max_pixels=50_000_000)
+    assert (13000, 13000) not in decoded  # refused from the header: nothing was decoded
+    assert store.check("good.png", max_pixels=12) == "ok" and store.check("good.png", max_pixels=11) == "too_many_pixels"
+
+
+def test_pixel_limit_applies_to_lmdb_arrays(tmp_path):
+    write_lmdb(tmp_path / "img.lmdb", {"a": RGB}, map_size=1 << 20)  # 4 x 3 = 12 pixels
+    store = ImageStore("lmdb", tmp_path / "img.lmdb")
+    assert store.check("a", max_pixels=12) == "ok"
+    assert store.check("a", max_pixels=11) == "too_many_pixels"
 
 
 # -- LMDB store
@@ -200,7 +249,7 @@ def test_lmdb_value_that_is_an_encoded_image_is_decoded(tmp_path):
     path = _raw_lmdb(tmp_path / "img.lmdb", {"png": _png(RGB), "junk": b"not an image at all"})
     store = ImageStore("lmdb", path)
     np.testing.assert_array_equal(np.asarray(store.read("png")), RGB)
-    assert store.check("junk") == "corrupt"
+    assert store.check("junk") == "not_an_image"
     assert store.exists("junk") == "ok"
 
 
@@ -240,8 +289,8 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
 
     store = ImageStore("lmdb", _raw_lmdb(tmp_path / "img.lmdb", {"evil": data}))
-    assert _status_of(store, "evil") == "corrupt"
-    assert store.check("evil") == "corrupt"
+    assert _status_of(store, "evil") == "unreadable"
+    assert store.check("evil") == "unreadable"
     assert not marker.exists()
 
 
@@ -250,17 +299,19 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     [1, 2, 3],
     len,  # any global other than LMDB_Image is refused
 ])
-def test_other_pickles_are_corrupt(tmp_path, payload):
+def test_other_pickles_are_unreadable(tmp_path, payload):
     data = pickle.dumps(payload, protocol=4)
     store = ImageStore("lmdb", _raw_lmdb(tmp_path / "img.lmdb", {"k": data}))
-    assert store.check("k") == "corrupt"
+    assert store.check("k") == "unreadable"
 
 
-def test_lmdb_image_with_inconsistent_size_is_corrupt(tmp_path):
+def test_lmdb_image_with_too_few_bytes_is_truncated(tmp_path):
     obj = LMDB_Image(RGB, "k")
     obj.size = (5, 5)  # the bytes do not fill a 5x5x3 array
     store = ImageStore("lmdb", _raw_lmdb(tmp_path / "img.lmdb", {"k": pickle.dumps(obj, protocol=4)}))
-    assert store.check("k") == "corrupt"
+    assert store.check("k") == "truncated"
+    with pytest.raises(ImageError, match=r"holds 36 bytes, a 5x5x3 array needs 75"):
+        store.read("k")
 
 
 def test_lmdb_rewritten_at_the_same_path_is_read_afresh(tmp_path):
@@ -271,3 +322,53 @@ def test_lmdb_rewritten_at_the_same_path_is_read_afresh(tmp_path):
     store = ImageStore("lmdb", path)
     assert store.check("b") == "ok"
     assert store.check("a") == "missing"
+
+
+def test_concurrent_first_open_of_an_lmdb_is_serialised(tmp_path, monkeypatch):
+    # regression: two threads opening the same store raised "environment ... already open"
+    import lmdb
+
+    path = tmp_path / "img.lmdb"
+    write_lmdb(path, {"a": RGB}, map_size=1 << 20)
+    images._LMDB_ENVS.clear()
+    real_open, opens = lmdb.open, []
+
+    def slow_open(*args, **kwargs):  # widens the window between "not cached yet" and "cached"
+        opens.append(args[0])
+        time.sleep(0.2)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(lmdb, "open", slow_open)
+    store, start, results = ImageStore("lmdb", path), threading.Barrier(4), []
+
+    def worker():
+        start.wait()
+        try:
+            results.append(store.check("a"))
+        except Exception as exc:  # noqa: BLE001 - the failure this test guards against
+            results.append(repr(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["ok"] * 4
+    assert len(opens) == 1
+
+
+@pytest.mark.parametrize("make", ["file", "folder"])
+def test_a_path_that_is_not_an_lmdb_is_one_clear_error(tmp_path, make):
+    # regression: lmdb.InvalidError traceback for a file or folder configured as an LMDB
+    path = tmp_path / "images.lmdb"
+    if make == "file":
+        path.write_bytes(b"PK\x03\x04 a zip archive, not an LMDB" * 200)
+    else:
+        path.mkdir()
+        (path / "0001.jpg").write_bytes(_png(RGB))
+    store = ImageStore("lmdb", path)
+    with pytest.raises(ImageStoreError, match=rf"{path}: configured as an LMDB image store, but"):
+        store.verify()
+    with pytest.raises(ImageStoreError):
+        store.check("0001")
+    assert isinstance(ImageStoreError("x"), ValueError)  # the CLI's exit 2 for bad input
