@@ -134,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "metrics" and args.seeds and len(args.seeds) > 1:
             for name in stages.stage_domains(cfg, "evaluation", args.domain):
                 runs = {seed: stages.read_metrics(cfg.with_seed(seed), name) for seed in args.seeds}
-                print(stages.metrics_summary_table(runs) + "\n")
+                print(stages.metrics_summary_table(runs))
+                ranks = {seed: stages.read_ranks(cfg.with_seed(seed), name) for seed in args.seeds}
+                print("Paired over users (95 % bootstrap interval; seeds averaged per user):")
+                print("\n".join(f"- {line}" for line in stages.paired_gap_lines(ranks)) + "\n")
             return 0
         if args.command == "metrics":
             if args.seeds:
@@ -143,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = stages.read_metrics(cfg, name)
                 print(stages.metrics_table(res))
                 gate = res["gate"]
-                print(f"quality gate ({gate['metric']} vs {gate['against']}, margin {gate['margin']}): "
-                      f"{'passed' if gate['passed'] else 'FAILED'}\n")
+                print(f"quality gate ({gate['metric']} on the {gate.get('split', 'test')} split vs {gate['against']}, "
+                      f"margin {gate['margin']}): {'passed' if gate['passed'] else 'FAILED'}")
+                print("\n".join(f"- {line}" for line in stages.paired_gap_lines({0: stages.read_ranks(cfg, name)})) + "\n")
             return 0
         todo = stages.STAGES if args.command == "run" else (args.command,)
         for stage in todo:

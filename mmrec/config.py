@@ -151,6 +151,59 @@ class DomainConfig:
             raise ValueError(f"domain {self.name!r}: role must be 'source' or 'target', got {self.role!r}")
 
 
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where torch runs (section ``compute``; ``mmrec --device`` and the Dagster compute resource
+    override ``device``). Not a hyper-parameter: the same run on another device gives the same
+    model up to floating-point and random-stream differences (a CUDA generator draws other numbers
+    than a CPU one), which is why a training checkpoint only resumes on the device type it was
+    written on."""
+
+    device: str = "cpu"
+    """``cpu``, ``cuda`` (the current CUDA device), ``cuda:N``, or ``auto`` (``cuda`` when torch sees
+    a GPU, else ``cpu``). The model, the item content, the feature reads, the sampled negatives,
+    the corruption and the model's random generator all live there; training runs its forward
+    under bf16 autocast on CUDA unless ``train.bf16`` says otherwise."""
+    threads: int | None = None
+    """``torch.set_num_threads`` for CPU work (``mmrec --threads`` overrides; ``None``: torch's default)."""
+
+    def __post_init__(self):
+        device = self.device.strip().lower() if isinstance(self.device, str) else self.device
+        if not isinstance(device, str) or not _valid_device(device):
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+        object.__setattr__(self, "device", device)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
+
+    def torch_device(self):
+        """The ``torch.device`` to run on: ``auto`` resolved; a CUDA device torch cannot see is a
+        ``ConfigError`` (imports torch)."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu":
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"compute.device {self.device!r}: torch sees no CUDA device on this machine "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use cpu or auto")
+        index = int(self.device.split(":")[1]) if ":" in self.device else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"compute.device {self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+
+
+def _valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit() and str(int(index)) == index
+
+
 @dataclass(frozen=True)
 class FeaturesConfig:
     """The ``item_features`` stage: frozen encoder outputs cached per item."""
@@ -168,7 +221,30 @@ class FeaturesConfig:
             raise ValueError("batch sizes must be >= 1 and num_workers >= 0")
 
 
-BASELINES = ("scratch", "id", "zero_shot")
+BASELINES = ("scratch", "sasrec", "id_tower", "zero_shot")
+TRAINED_BASELINES = ("scratch", "sasrec", "id_tower")
+HISTORY_MODES = ("masked", "keep_all")
+
+
+@dataclass(frozen=True)
+class SASRecBaselineConfig:
+    """The standard ID SASRec baseline (``evaluation.sasrec``): ID embeddings, cross-entropy over
+    every item, dropout on the embedded sequence and in the blocks (RecBole's recipe). Its own lr,
+    weight decay and dropout, chosen on the validation split; the rest of the fine-tuning section
+    (epochs, batch size, patience, seed) is shared with the other models."""
+
+    dropout: float = 0.5
+    """Dropout of the user encoder (embedding, attention and FFN; RecBole's default 0.5)."""
+    lr: float = 0.001
+    """Adam(W) learning rate (RecBole's default 0.001)."""
+    weight_decay: float = 0.0
+    """Weight decay (RecBole's default 0)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"sasrec.dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ValueError(f"sasrec.lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -179,28 +255,41 @@ class EvaluationConfig:
     """Cut-offs of HR@k, NDCG@k and MRR@k."""
     batch_size: int = 1024
     """Users scored at once against the full catalog (bounds memory)."""
+    history: str = "masked"
+    """How a user's history is treated in the ranking, on validation and test alike:
+    ``masked`` (every history item removed, the target included when re-consumed: the papers' and
+    the usual protocol) or ``keep_all`` (nothing removed: repeat-aware evaluation). See
+    ``mmrec.evaluation``; ``preprocess.repeats`` decides whether re-consumed targets exist."""
     baselines: tuple[str, ...] = ("scratch", "zero_shot")
-    """Compared with the fine-tuned model under the same budget: ``scratch`` (same model, no
-    pretraining), ``id`` (ID-embedding SASRec), ``zero_shot`` (pretrained, no fine-tuning)."""
+    """Compared with the fine-tuned model: ``scratch`` (same model, no pretraining), ``sasrec``
+    (standard ID SASRec, ``sasrec`` section), ``id_tower`` (our model with an ID tower instead of
+    content, trained with our objectives), ``zero_shot`` (pretrained, no fine-tuning)."""
+    sasrec: SASRecBaselineConfig = field(default_factory=SASRecBaselineConfig)
+    """Settings of the ``sasrec`` baseline."""
     gate_metric: str = "NDCG@10"
-    """Metric of the quality gate before registration."""
+    """Metric of the quality gate before registration (read on the validation split)."""
     gate_margin: float = 0.0
     """The fine-tuned model must beat each baseline of ``gate_against`` by this much."""
     gate_against: tuple[str, ...] = ("scratch",)
-    """Baselines the quality gate compares with (a subset of ``baselines``: scratch, id)."""
+    """Baselines the quality gate compares with (a subset of ``baselines``: scratch, sasrec, id_tower)."""
 
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
         object.__setattr__(self, "baselines", tuple(self.baselines))
+        if isinstance(self.sasrec, dict):
+            object.__setattr__(self, "sasrec", from_dict(SASRecBaselineConfig, self.sasrec, "evaluation.sasrec"))
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"ks must be positive, got {self.ks}")
+        if self.history not in HISTORY_MODES:
+            raise ValueError(f"history must be one of {HISTORY_MODES}, got {self.history!r}")
         bad = sorted(set(self.baselines) - set(BASELINES))
         if bad:
-            raise ValueError(f"unknown baseline(s) {bad}; valid: {list(BASELINES)}")
+            hint = " ('id' is now 'id_tower'; the standard ID SASRec is 'sasrec')" if "id" in bad else ""
+            raise ValueError(f"unknown baseline(s) {bad}; valid: {list(BASELINES)}{hint}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         object.__setattr__(self, "gate_against", tuple(self.gate_against))
-        bad = sorted(set(self.gate_against) - ({"scratch", "id"} & set(self.baselines)))
+        bad = sorted(set(self.gate_against) - (set(TRAINED_BASELINES) & set(self.baselines)))
         if bad:
             raise ValueError(f"gate_against {bad} must be trained baselines listed in baselines {list(self.baselines)}")
 

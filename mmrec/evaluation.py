@@ -3,11 +3,15 @@
 Protocol (PMMRec, NineRec, MoRec): every user is scored against *all* items ``1..N`` (never sampled
 negatives); item 0 is padding and never ranked. Choices made here, and why:
 
-- **History masking.** Items of the user's history are removed from the ranking (the papers'
-  protocol), *except the target itself*: when a user re-consumes an item, the target is in the history
-  and masking it would make the hit impossible — such users would count as misses whatever the model
-  does, penalising a model that has learned repeat behaviour and mixing a data property into the
-  metric. So the target is always rankable; only the *other* history items are removed.
+- **History masking** (``history``). ``"masked"`` (the default, the papers' protocol): every item of
+  the user's history is removed from the ranking, the target included when the user re-consumes
+  it; such a target cannot be hit and ranks after every rankable item (a miss). This is what PMMRec,
+  NineRec and MoRec report. ``"keep_all"``: nothing is removed (repeat-aware evaluation: a model may
+  recommend what the user already has). There is deliberately no "all but the target" mode: it
+  leaves the target as the only history item in the ranking, so a model whose user vector resembles
+  the history finds re-consumed targets almost for free (on a real Amazon domain 5 % of test targets
+  were repeats and carried half of a model's NDCG@10). The preprocessing's ``repeats`` policy
+  decides whether such targets exist at all.
 - **Ties are pessimistic.** ``rank = 1 + #{rankable items j != target : score_j >= score_target}``.
   An item with the same score as the target is ranked above it. A model with a constant score (a
   common bug: dead encoder, all-zero vectors) then gets the worst rank instead of rank 1, so the bug
@@ -31,6 +35,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+HISTORY_MODES = ("masked", "keep_all")
+"""How the user's history is treated in the ranking; see the module docstring."""
 
 ScoreFn = Callable[[Tensor], Tensor]
 """``score_fn(user_idx (b,)) -> (b, N+1)`` scores; column 0 (padding) is ignored."""
@@ -82,13 +89,17 @@ def ranks(
     *,
     batch_size: int = 1024,
     score_fn: ScoreFn | None = None,
+    history: str = "masked",
 ) -> Tensor:
     """Full-ranking rank (1 = best) of each user's target, a ``(U,)`` LongTensor.
 
     Scores are ``user_vecs (U, d) @ item_vecs (N+1, d)^T`` (row 0 of ``item_vecs`` is padding), or
     ``score_fn`` for models with another scoring rule (then pass ``None`` for both vectors).
-    Padding and the user's history (except the target) are excluded; ties are pessimistic.
+    Padding is excluded, and with ``history="masked"`` every history item (a target in the history
+    then ranks after every rankable item); ties are pessimistic.
     """
+    if history not in HISTORY_MODES:
+        raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
     if score_fn is None:
         if user_vecs is None or item_vecs is None:
             raise ValueError("give user_vecs and item_vecs, or score_fn")
@@ -107,12 +118,17 @@ def ranks(
     hist = _pad_histories(histories, U)
     if hist.numel() and hist.min() < 0:
         raise ValueError("history item ids must be >= 0")
-    # Each history item once, without padding and without the target: these are the items removed
-    # from the ranking besides padding item 0.
+    # Each history item once, without padding: the items removed from the ranking besides padding
+    # item 0. A target among them is not rankable: ``repeat`` marks those users.
+    if history == "keep_all":
+        hist = torch.zeros(U, 1, dtype=torch.long)
     hist, _ = hist.sort(dim=1)  # (U, M)
     dup = torch.zeros_like(hist, dtype=torch.bool)
     dup[:, 1:] = hist[:, 1:] == hist[:, :-1]
-    hist = hist.masked_fill(dup | (hist == targets[:, None]), 0)  # (U, M)
+    hist = hist.masked_fill(dup, 0)  # (U, M)
+    repeat = (hist == targets[:, None]).any(dim=1)  # (U,)
+    n_masked = (hist > 0).sum(dim=1)  # (U,)
+    hist = hist.masked_fill(hist == targets[:, None], 0)  # counted separately below
     out = torch.empty(U, dtype=torch.long)
     ge_buf: Tensor | None = None
     for lo in range(0, U, batch_size):
@@ -147,6 +163,9 @@ def ranks(
         n_pad = (scores[:, 0:1] >= t_score).sum(dim=1)  # (b,)
         # rank = 1 + items above, where "items above" excludes the target, history and padding
         out[idx] = (n_at_or_above - n_hist - n_pad).cpu()
+    # a masked target ranks after every rankable item: 1 + (N - masked history items)
+    if repeat.any():
+        out[repeat] = n_plus_1 - n_masked[repeat]
     return out
 
 
@@ -192,19 +211,24 @@ def full_ranking(
     cold_items: set[int] | Tensor | None = None,
     *,
     score_fn: ScoreFn | None = None,
+    history: str = "masked",
+    return_ranks: bool = False,
 ) -> dict:
     """Full-ranking metrics over all users and over the cold-target subset.
 
     Returns ``{"all": {metric: value}, "cold": {metric: value or None} or None, "n_users": U,
     "n_cold_users": int or None}``; see ``ranks`` for the arguments and the module docstring for
-    the protocol.
+    the protocol. With ``return_ranks`` the ``(U,)`` ranks are added under ``"ranks"`` (for paired
+    comparisons over users).
     """
     ks = tuple(ks)
     targets = torch.as_tensor(targets, dtype=torch.long)
-    r = ranks(user_vecs, item_vecs, histories, targets, batch_size=batch_size, score_fn=score_fn)
+    r = ranks(user_vecs, item_vecs, histories, targets, batch_size=batch_size, score_fn=score_fn, history=history)
     result = {"all": metrics_from_ranks(r, ks), "cold": None, "n_users": int(r.numel()), "n_cold_users": None}
     if cold_items is not None:
         cold = _cold_mask(cold_items, targets)
         result["cold"] = metrics_from_ranks(r[cold], ks)
         result["n_cold_users"] = int(cold.sum())
+    if return_ranks:
+        result["ranks"] = r
     return result

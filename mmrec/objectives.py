@@ -46,7 +46,9 @@ Auxiliary losses
        with fewer than 2 eligible positions is never shuffled).
     2. Replace: each eligible position, independently with probability ``replace_prob``, gets an item
        drawn uniformly from the items *not* in that user's sequence, so a noise item is never an item
-       the user really interacted with (otherwise a "noise" label would be wrong).
+       the user really interacted with (otherwise a "noise" label would be wrong). The recommender
+       excludes the whole training row, targets included: a noise item is never the user's own
+       next item either (it would put the target into the history the encoder reads).
     ``noise_mask`` marks the replaced positions. Shuffled items are still the user's own items, so by
     default they are not labelled noise (``label_shuffled_as_noise`` switches that on: positions whose
     item changed under the shuffle are then marked too). The random draws do not depend on the
@@ -135,12 +137,18 @@ class ObjectiveConfig:
     """Which losses train the model and how they are weighted (defaults: PMMRec pretraining)."""
 
     name: str = "softmax"
-    """Main loss, one of ``OBJECTIVES``: ``softmax`` (PMMRec in-batch debiased softmax) or ``bce``
+    """Main loss, one of ``OBJECTIVES``: ``softmax`` (PMMRec in-batch debiased softmax),
+    ``full_softmax`` (cross-entropy over every catalog item, as SASRec in RecBole) or ``bce``
     (TransRec, sampled negatives)."""
     softmax_temperature: float = 1.0
-    """Temperature of the ``softmax`` main loss (dot products are divided by it)."""
+    """Temperature of the ``softmax`` / ``full_softmax`` main loss (dot products are divided by it)."""
     bce_negatives: int = 5
-    """Sampled negatives per position for the ``bce`` main loss (TransRec: 5)."""
+    """Sampled negatives per scored user state for the ``bce`` main loss, drawn uniformly from the
+    items outside the user's training row (TransRec: 5)."""
+    bce_positives: int = 1
+    """Positives per scored user state for the ``bce`` main loss: the next ``bce_positives`` items
+    after it (TransRec: 5; 1 is SASRec's next item). A causal user encoder scores every position,
+    a bidirectional one only the last position of the history (see ``mmrec.models.recommender``)."""
     nicl_enabled: bool = True
     """Add NICL (needs text and image vectors for every item; off for TransRec's MoM data)."""
     nicl: NICLConfig = field(default_factory=NICLConfig)
@@ -164,6 +172,8 @@ class ObjectiveConfig:
             raise ValueError(f"softmax_temperature must be > 0, got {self.softmax_temperature}")
         if self.bce_negatives < 1:
             raise ValueError(f"bce_negatives must be >= 1, got {self.bce_negatives}")
+        if self.bce_positives < 1:
+            raise ValueError(f"bce_positives must be >= 1, got {self.bce_positives}")
         for name in ("nid_weight", "rcl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -275,6 +285,26 @@ def next_item_softmax(h: Tensor, e: Tensor, seq: Tensor, log_pop: Tensor, temper
     return F.cross_entropy(logits, target_cell)
 
 
+def full_softmax(h: Tensor, all_e: Tensor, seq: Tensor, temperature: float = 1.0) -> Tensor:
+    """Cross-entropy over the whole catalog (SASRec as RecBole and UniSRec train it).
+
+    ``h`` (B, L, d) predictions, ``all_e`` (N+1, d) every item's vector (row 0 = padding, never a
+    candidate), ``seq`` (B, L+1) ids; ``h[:, t]`` predicts ``seq[:, t+1]``. No popularity correction
+    and no history masking: every item is a candidate at every position, the target's repeats
+    included. Mean over valid positions; a batch with none gives a graph-connected 0.
+    """
+    B, L1 = seq.shape
+    if h.shape[:2] != (B, L1 - 1) or all_e.dim() != 2:
+        raise ValueError(f"shapes do not match: h {tuple(h.shape)}, all_e {tuple(all_e.shape)}, seq {tuple(seq.shape)}")
+    valid = valid_positions(seq)  # (B, L)
+    if not valid.any():
+        return _zero_loss(h, all_e)
+    b_idx, t_idx = valid.nonzero(as_tuple=True)  # (P,), (P,)
+    logits = h[b_idx, t_idx] @ all_e.T / temperature  # (P, N+1)
+    logits[:, 0] = NEG_INF  # padding
+    return F.cross_entropy(logits, seq[b_idx, t_idx + 1])
+
+
 def sample_negatives(
     n_items: int,
     shape: tuple[int, ...],
@@ -345,6 +375,7 @@ def bce_sampled(h: Tensor, pos_e: Tensor, neg_e: Tensor, mask: Tensor) -> Tensor
 
 OBJECTIVES: dict[str, Callable[..., Tensor]] = {
     "softmax": next_item_softmax,
+    "full_softmax": full_softmax,
     "bce": bce_sampled,
 }
 
@@ -439,9 +470,15 @@ def nicl(text_vec: Tensor, image_vec: Tensor, seq: Tensor, cfg: NICLConfig) -> T
 
 
 def corrupt_sequences(
-    seq: Tensor, cfg: CorruptionConfig, n_items: int, generator: torch.Generator | None = None
+    seq: Tensor, cfg: CorruptionConfig, n_items: int, generator: torch.Generator | None = None,
+    exclude: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Noisy copy of ``seq`` (B, L+1) and the ``(B, L+1)`` bool noise mask; see the module docstring."""
+    """Noisy copy of ``seq`` (B, L+1) and the ``(B, L+1)`` bool noise mask; see the module docstring.
+
+    ``exclude`` (B, M): the items a replacement may never be, per user (0 ignored); default ``seq``.
+    Pass the user's whole training row, targets included, when ``seq`` is only the history the
+    encoder reads: a replacement equal to the user's next item would hand the target to the model.
+    """
     B, L1 = seq.shape
     dev = seq.device
     valid = seq > 0  # (B, L+1)
@@ -458,7 +495,8 @@ def corrupt_sequences(
     r_start = torch.rand(B, generator=generator, device=dev, dtype=torch.float64)
     r_keys = torch.rand(B, L1, generator=generator, device=dev, dtype=torch.float64)
     r_replace = torch.rand(B, L1, generator=generator, device=dev)
-    replacement = sample_negatives(n_items, (B, L1), generator, exclude=seq, device=dev)  # (B, L+1)
+    exclude = seq if exclude is None else exclude
+    replacement = sample_negatives(n_items, (B, L1), generator, exclude=exclude, device=dev)  # (B, L+1)
 
     # 1. shuffle one window of eligible positions: keys outside the window are their positions,
     #    keys inside are random in (start - 1, start + w), so argsort permutes only the window.

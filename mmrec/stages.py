@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmrec.config import PipelineConfig
+from mmrec.config import TRAINED_BASELINES, PipelineConfig
 from mmrec.data.catalog import Catalog
 from mmrec.data.importers import import_domain
 from mmrec.data.preprocess import preprocess
@@ -135,6 +135,8 @@ CROSS_DOMAIN = ("pretrained_model",)
 TARGET_ONLY = ("finetuned_model", "evaluation")
 """Stages that run for target domains only."""
 METRICS = "metrics.json"
+RANKS = "ranks.parquet"
+"""Each test user's rank per model (columns: user_idx and one per model), for paired comparisons."""
 
 
 def stage_domains(cfg: PipelineConfig, stage: str, names: list[str] | None = None) -> list[str | None]:
@@ -218,7 +220,7 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
     model = Recommender(model_cfg, n_items=content.n_items).attach(content, data.train_examples(model_cfg.max_len), tc.seed)
     tr = _tracker(run, tracker)
     tr.set_tags({"stage": "pretrained_model", "domains": "+".join(sources)})
-    result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size)
+    result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
     item_maps = [(s, pl.read_parquet(cfg.artifact_path("validated_catalog", s) / "item_map.parquet")) for s in sources]
     info = {"stage": "pretrained_model", "sources": sources, "valid_metrics": result.best_metrics,
             "best_step": result.best_step, "steps": result.steps, "run_dir": str(run)}
@@ -227,19 +229,29 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
 
 
 def _variants(cfg: PipelineConfig):
-    """The models ``finetuned_model`` trains: the fine-tuned one and the configured baselines."""
-    model_cfg, transfer = cfg.model(), cfg.transfer()
-    baselines = cfg.evaluation().baselines
-    out = {"model": (model_cfg, transfer.part)}
-    if "scratch" in baselines:
-        out["scratch"] = (model_cfg, "none")
-    if "id" in baselines:
-        from mmrec.models.recommender import ModelConfig
+    """The models ``finetuned_model`` trains: ``name -> (model config, transfer part, train overrides)``
+    for the fine-tuned one and the configured trained baselines."""
+    from mmrec.models.recommender import ModelConfig
 
-        spec = model_cfg.to_dict()
-        spec.update(item_tower={**spec["item_tower"], "name": "id"}, text_encoder=None, image_encoder=None, fusion=None,
-                    objective={**spec["objective"], "nicl_enabled": False})
-        out["id"] = (ModelConfig.from_dict(spec, "id baseline"), "none")
+    model_cfg, transfer, ec = cfg.model(), cfg.transfer(), cfg.evaluation()
+    out = {"model": (model_cfg, transfer.part, {})}
+    if "scratch" in ec.baselines:
+        out["scratch"] = (model_cfg, "none", {})
+    spec = model_cfg.to_dict()
+    id_spec = dict(spec, text_encoder=None, image_encoder=None, fusion=None)
+    if "sasrec" in ec.baselines:
+        # the standard ID SASRec: ID embeddings, full-catalog cross-entropy, its own dropout and lr
+        sc = ec.sasrec
+        sasrec = dict(id_spec, item_tower={**spec["item_tower"], "name": "id", "dropout": 0.0},
+                      user_encoder={**spec["user_encoder"], "name": "sasrec", "dropout": sc.dropout, "adapter_dim": None},
+                      objective={"name": "full_softmax", "nicl_enabled": False, "nid_weight": 0.0, "rcl_weight": 0.0})
+        out["sasrec"] = (ModelConfig.from_dict(sasrec, "sasrec baseline"), "none",
+                         {"lr": sc.lr, "weight_decay": sc.weight_decay})
+    if "id_tower" in ec.baselines:
+        # our model with an ID tower instead of content, trained with our objectives
+        id_tower = dict(id_spec, item_tower={**spec["item_tower"], "name": "id"},
+                        objective={**spec["objective"], "nicl_enabled": False})
+        out["id_tower"] = (ModelConfig.from_dict(id_tower, "id_tower baseline"), "none", {})
     return out
 
 
@@ -269,8 +281,9 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
     popularity = torch.bincount(train_items, minlength=content.n_items + 1)  # serves users with no history
     out = cfg.artifact_path("finetuned_model", d.name)
     with atomic_dir(out) as tmp:
-        for name, (mcfg, part) in _variants(cfg).items():
-            key = {"model": mcfg.to_dict(), "train": dc.asdict(tc) | {"progress": None}, "part": part,
+        for name, (mcfg, part, overrides) in _variants(cfg).items():
+            vtc = dc.replace(tc, **overrides)
+            key = {"model": mcfg.to_dict(), "train": dc.asdict(vtc) | {"progress": None}, "part": part,
                    "adapters": transfer.freeze_user_encoder_except_adapters}
             run = _run_dir(cfg, "finetuned_model", d.name, key, inputs + ([pretrained] if part != "none" else []))
             torch.manual_seed(tc.seed)
@@ -284,7 +297,7 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
             model.attach(content, data.train_examples(mcfg.max_len), tc.seed)
             tr = _tracker(run, tracker)
             tr.set_tags({"stage": "finetuned_model", "domain": d.name, "variant": name, "transfer": part})
-            result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size)
+            result = fit(model, data, vtc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
             info = {"variant": name, "transfer": part, "valid_metrics": result.best_metrics, "best_step": result.best_step,
                     "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run)}
             export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info,
@@ -295,8 +308,13 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
 
 
 def evaluation(cfg: PipelineConfig, domain: str, progress: bool = True, tracker=None) -> StageResult:
-    """Test metrics (full ranking, history masked, cold-start subset) of the fine-tuned model, its
-    baselines and the zero-shot pretrained model; the quality gate the registration checks."""
+    """Test metrics (full ranking, ``evaluation.history`` protocol, cold-start subset) of the
+    fine-tuned model, its baselines and the zero-shot pretrained model, each user's test rank per
+    model (``ranks.parquet``, for paired intervals), and the quality gate the registration checks.
+
+    The test split is read here once per finished run and by nothing that selects: the gate
+    compares the models' *validation* metric (the early-stopping best of each run)."""
+    import polars as pl
     from safetensors.torch import load_file
 
     from mmrec.experiment import evaluate_model, evaluate_vectors
@@ -308,43 +326,75 @@ def evaluation(cfg: PipelineConfig, domain: str, progress: bool = True, tracker=
     ec = cfg.evaluation()
     content, data = _domain_data(cfg, d.name)
     ft = cfg.artifact_path("finetuned_model", d.name)
-    folders = {"finetuned": ft / "model", **{n: ft / "baselines" / n for n in ("scratch", "id") if n in ec.baselines}}
+    trained = [n for n in TRAINED_BASELINES if n in ec.baselines]
+    folders = {"finetuned": ft / "model", **{n: ft / "baselines" / n for n in trained}}
     models: dict[str, dict[str, Any]] = {}
+    user_ranks: dict[str, Any] = {}
     for name, folder in folders.items():
         m = load_model(folder)
+        out: dict[str, Any] = {}
         models[name] = evaluate_vectors(lambda h, m=m: m.model.user_vectors(h, m.item_vectors), m.item_vectors, data, "test",
-                                        m.model.cfg.max_len, ec.ks, ec.batch_size)
+                                        m.model.cfg.max_len, ec.ks, ec.batch_size, ec.history, out)
+        user_ranks[name] = out["ranks"]
     if "zero_shot" in ec.baselines:
         pre = cfg.artifact_path("pretrained_model")
         meta = json.loads((pre / "model.json").read_text())
         zs = Recommender(ModelConfig.from_dict(meta["model"]), n_items=content.n_items)
         load_part(zs, load_file(pre / "model.safetensors"), "whole")
         zs.attach(content)
-        models["zero_shot"] = evaluate_model(zs, data, "test", ec.ks, ec.batch_size)
+        out = {}
+        models["zero_shot"] = evaluate_model(zs, data, "test", ec.ks, ec.batch_size, ec.history, out)
+        user_ranks["zero_shot"] = out["ranks"]
+    summary = json.loads((ft / "summary.json").read_text())
+    valid = {("finetuned" if n == "model" else n): v["valid_metrics"] for n, v in summary["variants"].items()}
     metric = ec.gate_metric
-    trained = {n: m[metric] for n, m in models.items() if n in ec.gate_against}
-    best_baseline = max(trained.values()) if trained else None
+    against = {n: valid[n].get(metric) for n in ec.gate_against}
+    best_baseline = max(against.values()) if against else None
     gate = {
         "metric": metric,
+        "split": "valid",
         "margin": ec.gate_margin,
-        "finetuned": models["finetuned"][metric],
+        "finetuned": valid["finetuned"].get(metric),
         "against": list(ec.gate_against),
         "best_baseline": best_baseline,
-        "passed": best_baseline is None or models["finetuned"][metric] > best_baseline + ec.gate_margin,
+        "passed": best_baseline is None or valid["finetuned"][metric] > best_baseline + ec.gate_margin,
     }
-    result = {"domain": d.name, "split": "test", "models": models, "gate": gate}
-    out = cfg.artifact_path("evaluation", d.name)
-    with atomic_dir(out) as tmp:
+    result = {"domain": d.name, "split": "test", "history": ec.history, "models": models, "valid": valid, "gate": gate}
+    out_dir = cfg.artifact_path("evaluation", d.name)
+    with atomic_dir(out_dir) as tmp:
         write_json(tmp / METRICS, result)
         (tmp / "metrics.md").write_text(metrics_table(result) + "\n", encoding="utf-8")
+        pl.DataFrame({"user_idx": list(range(data.n_users)), **{n: r.tolist() for n, r in user_ranks.items()}}).write_parquet(
+            tmp / RANKS)
     if tracker is not None:
         tracker.log_metrics({f"{n}/{k}": v for n, m in models.items() for k, v in m.items() if isinstance(v, (int, float))})
-    return StageResult("evaluation", d.name, out, result)
+    return StageResult("evaluation", d.name, out_dir, result)
 
 
 def read_metrics(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
     """The result a finished ``evaluation`` stage recorded."""
     return _read_record(cfg, "evaluation", domain, METRICS)
+
+
+def read_ranks(cfg: PipelineConfig, domain: str) -> dict[str, Any]:
+    """Each test user's rank per model recorded by ``evaluation``: ``model -> (U,) int array``."""
+    import polars as pl
+
+    path = cfg.artifact_path("evaluation", cfg.domain(domain).name) / RANKS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run the evaluation stage first")
+    df = pl.read_parquet(path).sort("user_idx")
+    return {c: df[c].to_numpy() for c in df.columns if c != "user_idx"}
+
+
+def paired_gap_lines(runs: dict[int, dict[str, Any]], metric: str = "NDCG@10", reference: str = "finetuned") -> list[str]:
+    """The paired interval over users of ``reference`` minus every other model (``runs``: seed ->
+    ``read_ranks`` result); per-user values averaged over the seeds first (``mmrec.compare``)."""
+    from mmrec.compare import paired_gaps
+
+    names = [n for n in next(iter(runs.values())) if all(n in r for r in runs.values())]
+    ranks = {n: [runs[s][n] for s in sorted(runs)] for n in names}
+    return [g.line() for g in paired_gaps(ranks, reference, metric)]
 
 
 def _metric_columns(ks: tuple[int, ...]) -> tuple[list[str], list[str]]:

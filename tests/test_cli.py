@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import polars as pl
 import yaml
 
 from mmrec import cli, stages
@@ -82,9 +83,13 @@ def test_metrics_over_several_seeds_prints_mean_and_std(tmp_path, capsys):
         out = cfg.with_seed(seed).artifact_path("evaluation", "shop")
         out.mkdir(parents=True)
         (out / stages.METRICS).write_text(json.dumps(res))
+        ranks = list(range(1, 101))  # finetuned ahead of id for every user: id ranks 20 below
+        pl.DataFrame({"user_idx": list(range(100)), "finetuned": ranks, "id": [r + 20 for r in ranks]}).write_parquet(
+            out / stages.RANKS)
     assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "0", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "| finetuned | 25.00 ± 7.07 | 10.00 ± 0.00 |" in out and "seeds [0, 1] (n=2)" in out
+    assert "- finetuned - id: NDCG@10" in out and "over 100 users x 2 seeds: ahead" in out
     assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "1"]) == 0  # one seed: that run's table
     assert "| finetuned | 30.00 | 10.00 |" in capsys.readouterr().out
     assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "0", "--seed", "2"]) == 2  # seed 2 never ran

@@ -24,10 +24,10 @@ TARGETS = torch.tensor([3, 3, 1, 1])
 # By hand:
 # u0: item 1 (0.9) is history -> removed; item 2 (0.8) is above 0.7 -> rank 2.
 # u1: item 2 ties but is history -> removed; item 5 ties at 0.5 -> counted above (pessimistic) -> rank 2.
-# u2: item 6 (0.8) is history -> removed; item 1 is the target, in the history but still rankable;
-#     items 3 (0.9) and 5 (0.4) are above 0.3 -> rank 3.
+# u2: the target 1 is re-consumed: masked like every history item, so it cannot be hit and ranks
+#     after every rankable item: 1 + (6 items - 2 history items {1, 6}) = 5.
 # u3: nothing above 1.0 -> rank 1.
-EXPECTED_RANKS = [2, 2, 3, 1]
+EXPECTED_RANKS = [2, 2, 5, 1]
 # Without history masking: u0 items 1, 2 above -> 3; u1 items 2, 5 -> 3; u2 items 3, 5, 6 -> 4; u3 -> 1.
 UNMASKED_RANKS = [3, 3, 4, 1]
 
@@ -47,6 +47,26 @@ def test_history_masking_changes_ranks():
     assert ranks(u, v, [[], [], [], []], TARGETS).tolist() == UNMASKED_RANKS
 
 
+def test_keep_all_masks_nothing():
+    u, v = as_vectors(SCORES)
+    assert ranks(u, v, HISTORIES, TARGETS, history="keep_all").tolist() == UNMASKED_RANKS
+    with pytest.raises(ValueError, match="history must be one of"):
+        ranks(u, v, HISTORIES, TARGETS, history="all_but_target")
+
+
+def test_reconsumed_target_is_never_rankable():
+    """The leak of the old protocol: with the target left rankable among masked history items, a
+    user vector equal to the last history item finds a re-consumed target at rank 1."""
+    N, d = 50, 50
+    v = torch.cat([torch.zeros(1, d), torch.eye(N)])  # item i = one-hot i-1
+    histories = [[5, 7, 9], [3, 4]]
+    targets = torch.tensor([9, 11])  # u0 re-consumes 9, u1 does not
+    u = v[torch.tensor([9, 4])]  # each user vector = the last history item
+    r = ranks(u, v, histories, targets)
+    assert r[0] == 1 + N - 3  # a miss, after every rankable item
+    assert ranks(u, v, histories, targets, history="keep_all")[0] == 1
+
+
 def test_metrics_hand_computed():
     u, v = as_vectors(SCORES)
     res = full_ranking(u, v, HISTORIES, TARGETS, ks=(1, 2, 5))
@@ -58,11 +78,11 @@ def test_metrics_hand_computed():
         "HR@5": 1.0,
         "NDCG@1": 1 / 4,
         "NDCG@2": (1 + 2 * inv_log3) / 4,
-        "NDCG@5": (1 + 2 * inv_log3 + 0.5) / 4,  # rank 3: 1 / log2(4) = 0.5
+        "NDCG@5": (1 + 2 * inv_log3 + 1 / math.log2(6)) / 4,  # u2 at rank 5
         "MRR@1": 1 / 4,
         "MRR@2": (1 + 0.5 + 0.5) / 4,
-        "MRR@5": (1 + 0.5 + 0.5 + 1 / 3) / 4,
-        "MRR": (1 + 0.5 + 0.5 + 1 / 3) / 4,
+        "MRR@5": (1 + 0.5 + 0.5 + 1 / 5) / 4,
+        "MRR": (1 + 0.5 + 0.5 + 1 / 5) / 4,
     }
     assert m.keys() == expected.keys()
     for k, value in expected.items():
@@ -106,7 +126,10 @@ def _brute_force_ranks(scores, histories, targets):
     """Loops over users and items, written independently of the batched code."""
     out = []
     for u, target in enumerate(targets.tolist()):
-        removed = ({0} | set(histories[u])) - {target}
+        if target in histories[u]:  # masked: after every rankable item
+            out.append(1 + scores.shape[1] - 1 - len(set(histories[u]) - {0}))
+            continue
+        removed = {0} | set(histories[u])
         t = scores[u, target].item()
         out.append(1 + sum(1 for j in range(scores.shape[1]) if j != target and j not in removed and scores[u, j].item() >= t))
     return out
@@ -166,7 +189,7 @@ def test_minus_inf_scores_are_allowed():
     s = SCORES.clone()
     s[0, 2] = float("-inf")  # u0's only competitor is gone -> rank 1
     got = ranks(None, None, HISTORIES, TARGETS, score_fn=lambda idx: s[idx])
-    assert got.tolist() == [1, 2, 3, 1]
+    assert got.tolist() == [1, 2, 5, 1]
 
 
 def test_scores_never_exceed_batch_rows(monkeypatch):
@@ -208,7 +231,8 @@ def test_scale_bounded_and_fast():
     # Spot-check some users against a direct computation
     for i in [1, 3, 999, 4001, U - 1]:
         s = u[i] @ v.T
-        removed = ({0} | set(histories[i].tolist())) - {int(targets[i])}
+        assert int(targets[i]) not in histories[i].tolist()
+        removed = {0} | set(histories[i].tolist())
         keep = torch.ones(N + 1, dtype=torch.bool)
         keep[list(removed)] = False
         keep[targets[i]] = False

@@ -489,9 +489,9 @@ def test_rcl_valid_mask_and_gradient():
 
 
 def test_registry_fails_loudly():
-    assert set(OBJECTIVES) == {"softmax", "bce"}
+    assert set(OBJECTIVES) == {"softmax", "full_softmax", "bce"}
     assert get_objective("bce") is bce_sampled
-    with pytest.raises(ValueError, match=r"'softmx'.*\['bce', 'softmax'\]"):
+    with pytest.raises(ValueError, match=r"'softmx'.*\['bce', 'full_softmax', 'softmax'\]"):
         get_objective("softmx")
     with pytest.raises(ValueError, match="valid names"):
         ObjectiveConfig(name="bpr")
@@ -519,3 +519,26 @@ def test_objective_config_from_nested_dicts_and_validation():
         ObjectiveConfig(nid_weight=-1)
     with pytest.raises(ValueError, match="bce_negatives"):
         ObjectiveConfig(bce_negatives=0)
+
+
+def test_full_softmax_is_cross_entropy_over_every_item():
+    from mmrec.objectives import full_softmax
+
+    g = torch.Generator().manual_seed(0)
+    B, L, N, d = 3, 4, 9, 5
+    seq = torch.tensor([[0, 0, 3, 5, 3], [1, 2, 3, 4, 9], [0, 0, 0, 7, 8]])  # (B, L+1)
+    h = torch.randn(B, L, d, generator=g, requires_grad=True)
+    all_e = torch.randn(N + 1, d, generator=g, requires_grad=True)
+    got = full_softmax(h, all_e, seq, temperature=0.5)
+    # by hand: every valid (input, target) pair, candidates 1..N (padding never), repeats not masked
+    terms = []
+    for b in range(B):
+        for t in range(L):
+            if seq[b, t] > 0 and seq[b, t + 1] > 0:
+                logits = (all_e[1:] @ h[b, t]) / 0.5
+                terms.append(-torch.log_softmax(logits, 0)[seq[b, t + 1] - 1])
+    assert got.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    got.backward()
+    assert all_e.grad[0].abs().sum() == 0 and (all_e.grad[1:].abs().sum(1) > 0).all()  # every real item is a candidate
+    empty = torch.zeros(1, L + 1, dtype=torch.long)
+    assert full_softmax(torch.randn(1, L, d), all_e, empty).item() == 0.0

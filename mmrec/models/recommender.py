@@ -5,10 +5,23 @@ Reference
     (item tower ``mom``, bidirectional user encoder, BCE with sampled negatives), both ID-free; the
     ``id`` tower gives the ID-SASRec baseline. Presets in ``configs/presets/`` name the parts.
 
-A training batch is ``{"seq": (B, L+1)}``: each user's last L+1 training items, left-padded with
-0. Every item of the batch grid is encoded once (``torch.unique``), the user encoder reads items
-``0..L-1`` and ``h[:, t]`` predicts item ``t+1``. Scoring is a dot product between user vectors and
-item vectors, so evaluation and serving precompute every item vector once.
+A training batch is ``{"seq": (B, W)}``: each user's last W training items, left-padded with 0
+(``ModelConfig.train_window`` items). Every item the losses need is encoded once (``torch.unique``).
+Scoring is a dot product between user vectors and item vectors, so evaluation and serving
+precompute every item vector once. Which user states the main loss scores depends on the encoder:
+
+* **Causal** (``sasrec``), the per-position path: the encoder reads items ``0..L-1`` (W = L+1) and
+  ``h[:, t]``, which sees items ``0..t`` only, predicts item ``t+1`` (and, for ``bce``, the next
+  ``bce_positives`` items). Every loss that scores each position goes through
+  ``per_position_states``, which refuses a non-causal encoder.
+* **Bidirectional** (``transrec``), the last-position path: position t attends to t+1, its own
+  target, so a loss at inner positions would teach the model to copy its input, which inference
+  (last position only) can never use. Each row is split by ``last_position_split``: the last
+  ``bce_positives`` real items are the positives (TransRec: the next 5 items), up to L items before
+  them are the history, and the user vector (the history's last position, as at inference) is
+  scored against the positives and ``bce_negatives`` sampled negatives with BCE (W = L + P).
+NID (noise detection) stays per-position for both: its label is the input item itself, which every
+position sees anyway, so it reveals no future item.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmrec.config import from_dict
@@ -25,12 +39,13 @@ from mmrec.encoders.image import ImageEncoderConfig
 from mmrec.encoders.text import TextEncoderConfig
 from mmrec.models.fusion import FusionConfig
 from mmrec.models.towers import ItemContent, ItemTowerConfig, build_item_tower
-from mmrec.models.user_encoders import UserEncoderConfig, build_user_encoder
+from mmrec.models.user_encoders import USER_ENCODERS, UserEncoderConfig, build_user_encoder
 from mmrec.objectives import (
     NIDHead,
     ObjectiveConfig,
     bce_sampled,
     corrupt_sequences,
+    full_softmax,
     item_log_popularity,
     next_item_softmax,
     nicl,
@@ -48,6 +63,66 @@ def _section(cls, data: Any, where: str, **shared):
     return from_dict(cls, data, where, **shared)
 
 
+LAST_POSITION_OBJECTIVES = ("bce",)
+"""Main losses that can train a bidirectional user encoder (scored at the last position only)."""
+
+
+def _contiguous_rows(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start (B,), count (B,))`` of each row's real items; padding must sit at the ends."""
+    real = seq > 0  # (B, W)
+    cols = torch.arange(seq.shape[1], device=seq.device)
+    count = real.sum(1)  # (B,)
+    start = torch.where(real, cols, seq.shape[1]).amin(1)  # (B,) W for an empty row
+    end = torch.where(real, cols, -1).amax(1)  # (B,)
+    if ((end - start + 1 != count) & (count > 0)).any():
+        raise ValueError("padding must be at one end of each training row (real items contiguous)")
+    return start, count
+
+
+def next_items(seq: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-position targets ``(B, W-1, n)``: position ``t`` of a real item gets ``seq[t+1 .. t+n]``
+    (0 past a row's end); padding positions get zeros."""
+    padded = F.pad(seq, (0, n - 1))  # (B, W+n-1)
+    out = padded[:, 1:].unfold(1, n, 1)  # (B, W-1, n)
+    return out * (seq[:, :-1] > 0).unsqueeze(-1)  # (B, W-1, n)
+
+
+def last_position_split(seq: torch.Tensor, max_len: int, n_positives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each training row for the last-position path: ``(history (B, max_len), positives (B, P))``.
+
+    Of a row's ``n`` real items (contiguous, either padding side) the last ``k = min(P, n - 1)`` are
+    the positives (so a short row still keeps one history item) and up to ``max_len`` items before
+    them the history, left-padded with 0. Positives are in chronological order, right-padded with 0.
+    A row with fewer than 2 real items has neither (all zeros).
+    """
+    B, W = seq.shape
+    start, n = _contiguous_rows(seq)  # (B,), (B,)
+    k = (n - 1).clamp(min=0, max=n_positives)  # (B,) positives per row
+    cut = start + n - k  # (B,) first positive's column
+    h_len = torch.where(k > 0, (n - k).clamp(max=max_len), 0)  # (B,)
+    j = torch.arange(max_len, device=seq.device)
+    src = (cut[:, None] - max_len + j).clamp(0, W - 1)  # (B, max_len) column of history slot j
+    history = torch.where(j >= max_len - h_len[:, None], seq.gather(1, src), 0)  # (B, max_len)
+    i = torch.arange(n_positives, device=seq.device)
+    psrc = (cut[:, None] + i).clamp(0, W - 1)  # (B, P)
+    positives = torch.where(i < k[:, None], seq.gather(1, psrc), 0)  # (B, P)
+    return history, positives
+
+
+def per_position_states(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """States ``(B, L, d)`` for a loss that scores every position ``t`` against later items.
+
+    The one way into a per-position loss: it refuses an encoder that is not causal, whose
+    ``h[:, t]`` would see item ``t+1``, its own target.
+    """
+    if not getattr(encoder, "causal", False):
+        raise RuntimeError(
+            f"{type(encoder).__name__} is not causal: its state at position t sees item t+1, the target of a "
+            f"per-position loss; train it at the last position only (objective.name in {list(LAST_POSITION_OBJECTIVES)})"
+        )
+    return encoder(x, mask)  # (B, L, d)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The whole model (section ``model``). ``dim`` and ``max_len`` are set once here and passed
@@ -56,7 +131,8 @@ class ModelConfig:
     dim: int = 64
     """Width d of item vectors, user encoder and fusion (PMMRec 768, TransRec 256)."""
     max_len: int = 20
-    """L: the longest history the user encoder reads (the papers' 20 / 25)."""
+    """L: the longest history the user encoder reads (the papers' 20 / 25). ``preprocess.max_seq_len``
+    may not exceed ``train_window - 1`` (``check_history_length``): L for a causal encoder."""
     item_tower: ItemTowerConfig = field(default_factory=ItemTowerConfig)
     text_encoder: TextEncoderConfig | None = None
     image_encoder: ImageEncoderConfig | None = None
@@ -101,6 +177,37 @@ class ModelConfig:
         if self.objective.nicl_enabled and len(self.item_tower.modalities) < 2:
             raise ValueError(
                 f"objective.nicl_enabled needs a tower with text and image (mom, fused), not {self.item_tower.name!r}"
+            )
+        if not self.causal and self.objective.name not in LAST_POSITION_OBJECTIVES:
+            raise ValueError(
+                f"user encoder {self.user_encoder.name!r} is bidirectional, so it trains at the last position only; "
+                f"objective {self.objective.name!r} takes a loss at every position (position t would see its target "
+                f"t+1): use objective.name in {list(LAST_POSITION_OBJECTIVES)} (TransRec: bce)"
+            )
+
+    @property
+    def causal(self) -> bool:
+        """Whether the user encoder is causal (per-position training) or not (last position only)."""
+        return USER_ENCODERS[self.user_encoder.name].causal
+
+    @property
+    def train_window(self) -> int:
+        """W, the items of one training row: ``max_len + 1`` for a causal encoder (L inputs, each
+        predicting the next), ``max_len + objective.bce_positives`` for a bidirectional one (up to L
+        history items, then the positives)."""
+        return self.max_len + (1 if self.causal else self.objective.bce_positives)
+
+    def check_history_length(self, max_seq_len: int, where: str = "config") -> None:
+        """How ``preprocess.max_seq_len`` relates to this model: a user's training sequence holds up
+        to ``max_seq_len + 1`` items and must fit in one training row (``train_window``), else its
+        oldest items would never be trained on while ``cold_items`` counts them as seen."""
+        if max_seq_len + 1 > self.train_window:
+            what = "model.max_len + 1" if self.causal else "model.max_len + objective.bce_positives"
+            raise ValueError(
+                f"{where}: preprocess.max_seq_len ({max_seq_len}) keeps up to {max_seq_len + 1} training items per "
+                f"user, but a training row of this model holds {self.train_window} ({what}): the oldest would never "
+                f"be trained on while cold-start evaluation counts them as seen; set preprocess.max_seq_len <= "
+                f"{self.train_window - 1} or raise model.max_len"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,17 +284,50 @@ class Recommender(nn.Module):
         return self.user_encoder.user_vector(h, mask)  # (U, d)
 
     # -- training -----------------------------------------------------------------------------
+    def training_layout(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ids of a training batch ``seq (B, W)`` split into what the user encoder reads and what
+        each scored state must predict: ``(inputs (B, L), targets (B, T, P))``, 0 = none.
+
+        Causal encoder: ``inputs = seq[:, :-1]``, T = L, ``targets[:, t]`` = the next P items after t.
+        Bidirectional: ``last_position_split``, T = 1 (the user vector). P = ``bce_positives`` for
+        ``bce``, else 1.
+        """
+        obj = self.cfg.objective
+        n_pos = obj.bce_positives if obj.name == "bce" else 1
+        if self.user_encoder.causal:
+            return seq[:, :-1], next_items(seq, n_pos)  # (B, L), (B, L, P)
+        history, positives = last_position_split(seq, self.cfg.max_len, n_pos)  # (B, L), (B, P)
+        return history, positives.unsqueeze(1)  # (B, L), (B, 1, P)
+
+    def training_states(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``h (B, L, d)`` of the inputs and the states the main loss scores
+        ``(B, T, d)``: every position (causal, through ``per_position_states``) or the last one."""
+        if self.user_encoder.causal:
+            h = per_position_states(self.user_encoder, x, mask)  # (B, L, d)
+            return h, h
+        if self.cfg.objective.name not in LAST_POSITION_OBJECTIVES:
+            raise RuntimeError(f"objective {self.cfg.objective.name!r} cannot train a bidirectional user encoder")
+        h = self.user_encoder(x, mask)  # (B, L, d)
+        return h, self.user_encoder.user_vector(h, mask).unsqueeze(1)  # (B, L, d), (B, 1, d)
+
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        seq = batch["seq"]  # (B, L+1)
+        seq = batch["seq"]  # (B, W)
         obj, content = self.cfg.objective, self._content()
         B, L1 = seq.shape
+        inputs, targets = self.training_layout(seq)  # (B, L), (B, T, P) item ids
         # every item the losses need (grid, negatives, corrupted histories) goes through the tower once
         groups = {"seq": seq}
+        if obj.name == "full_softmax":  # every catalog item is a candidate: one tower pass over all of them
+            groups["all"] = torch.arange(content.n_items + 1, device=seq.device)
         if obj.name == "bce":
-            groups["neg"] = sample_negatives(content.n_items, (B, L1 - 1, obj.bce_negatives), generator=self.generator, exclude=seq)
+            groups["pos"] = targets
+            groups["neg"] = sample_negatives(content.n_items, (*targets.shape[:2], obj.bce_negatives), generator=self.generator, exclude=seq)
+        if not self.user_encoder.causal:
+            groups["inputs"] = inputs  # the split history (its ids are in the grid: no extra tower work)
         if obj.uses_corruption:
-            # corrupt the history the user encoder reads (the last item is kept by design)
-            groups["noisy"], noise = corrupt_sequences(seq[:, :-1], obj.corruption, content.n_items, generator=self.generator)
+            # corrupt the history the user encoder reads (the last item is kept by design); the whole
+            # row is excluded from the replacements, so a noise item is never one of the targets
+            groups["noisy"], noise = corrupt_sequences(inputs, obj.corruption, content.n_items, generator=self.generator, exclude=seq)
         flat = torch.cat([g.reshape(-1) for g in groups.values()])
         uniq, inv = torch.unique(flat, return_inverse=True)
         out = self.item_tower(content, uniq, with_modalities=obj.nicl_enabled)
@@ -198,14 +338,16 @@ class Recommender(nn.Module):
         def lookup(name: str, table: torch.Tensor = vec) -> torch.Tensor:
             return table[parts_inv[name]].reshape(*groups[name].shape, table.shape[-1])
 
-        e = lookup("seq")  # (B, L+1, d)
-        mask = seq[:, :-1] > 0  # (B, L)
-        h = self.user_encoder(e[:, :-1], mask)  # (B, L, d)
+        e = lookup("seq")  # (B, W, d)
+        mask = inputs > 0  # (B, L)
+        h, queries = self.training_states(e[:, :-1] if self.user_encoder.causal else lookup("inputs"), mask)  # (B, L, d), (B, T, d)
         parts: dict[str, torch.Tensor] = {}
         if obj.name == "softmax":
             parts["main"] = next_item_softmax(h, e, seq, self.log_pop, obj.softmax_temperature)
+        elif obj.name == "full_softmax":
+            parts["main"] = full_softmax(h, lookup("all"), seq, obj.softmax_temperature)  # all (N+1, d)
         else:
-            parts["main"] = bce_sampled(h, e[:, 1:], lookup("neg"), (seq[:, :-1] > 0) & (seq[:, 1:] > 0))  # neg (B, L, K, d)
+            parts["main"] = bce_sampled(queries, lookup("pos"), lookup("neg"), targets > 0)  # pos (B, T, P, d), neg (B, T, K, d)
         if obj.nicl_enabled:
             tp, vp, has_t, has_v = modalities
             if self.nicl_head is not None:

@@ -26,6 +26,8 @@ def config(tower: str, objective: dict | None = None, **kw) -> ModelConfig:
 SEQ = torch.tensor([[0, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [0, 0, 0, 11, 12, 3]])
 CASES = {
     "id-softmax": ("id", None),
+    "id-full_softmax": ("id", {"name": "full_softmax", "nicl_enabled": False, "nid_weight": 0, "rcl_weight": 0}),
+    "text-full_softmax": ("text", {"name": "full_softmax", "nicl_enabled": False, "nid_weight": 0, "rcl_weight": 0}),
     "text-softmax": ("text", None),
     "image-bce": ("image", {"name": "bce", "bce_negatives": 2, "nicl_enabled": False, "nid_weight": 0, "rcl_weight": 0}),
     "mom-bce": ("mom", {"name": "bce", "nicl_enabled": False, "nid_weight": 0, "rcl_weight": 0}),
