@@ -411,6 +411,18 @@ def test_corruption_shuffle_fraction_and_window():
     assert torch.equal(noise2, out2 != seq) and noise2.any()
 
 
+def test_corruption_exclude_keeps_the_targets_out():
+    """The history passed to corrupt_sequences lacks the user's next item; ``exclude`` (the whole
+    training row) keeps it out of the replacements."""
+    history = torch.tensor([[1, 2, 3, 4]] * 200)  # the user's next item is 5; items 5 and 6 are not in history
+    row = torch.cat([history, torch.full((200, 1), 5)], 1)
+    cfg = CorruptionConfig(replace_prob=1.0, shuffle_prob=0.0)
+    out, _ = corrupt_sequences(history, cfg, 6, torch.Generator().manual_seed(0))
+    assert (out == 5).any()  # without exclude the target is a possible replacement...
+    out, noise = corrupt_sequences(history, cfg, 6, torch.Generator().manual_seed(0), exclude=row)
+    assert not (out == 5).any() and (out[noise] == 6).all()  # ...with it, never
+
+
 def test_corruption_deterministic_with_generator():
     seq = many_users(B=50)
     cfg = CorruptionConfig(replace_prob=0.3, shuffle_prob=0.5)

@@ -168,3 +168,28 @@ def test_signal_free_sequences_stay_at_chance_at_every_trained_position(name):
     chance = 10 / n_items
     assert (hr < chance + 0.06).all(), f"{name}: HR@10 per trained position {hr.tolist()} vs chance {chance}"
     assert hr.numel() == (L if model.user_encoder.causal else 1)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_corruption_for_nid_and_rcl_never_inserts_the_users_targets(name, monkeypatch):
+    import mmrec.models.recommender as rec
+
+    seen = []
+
+    def spy(*args, **kw):
+        out = corrupt(*args, **kw)
+        seen.append(out[0])
+        return out
+
+    corrupt = rec.corrupt_sequences
+    monkeypatch.setattr(rec, "corrupt_sequences", spy)
+    model = id_model(name, n_items=7, max_len=4, bce_positives=2, nid_weight=0.1, rcl_weight=0.1,
+                     corruption={"replace_prob": 1.0, "shuffle_prob": 0.0})
+    row = torch.arange(1, model.cfg.train_window + 1)  # the encoder reads the first items, the rest are targets
+    seq = row.repeat(100, 1)
+    read = model.training_layout(seq)[0][0]
+    out = model.training_loss({"seq": seq})
+    assert {"nid", "rcl"} <= set(out)
+    noisy = seen[-1]
+    replaced = (noisy > 0) & ~torch.isin(noisy, read)
+    assert replaced.any() and not torch.isin(noisy[replaced], row).any(), noisy[replaced].unique().tolist()
