@@ -2,23 +2,29 @@
 
 Registered formats (``IMPORTERS``):
 
-- ``ninerec``: the NineRec / PMMRec / IISAN layout. ``items.tsv`` = ``item_id<TAB>title`` and
-  ``users.tsv`` = ``user_id<TAB>item item ...`` (chronological, oldest first), no headers; images
-  optionally in a folder (``<item_id><ext>``) or an LMDB keyed by item id.
+- ``ninerec``: the NineRec / PMMRec / IISAN layout. ``items.tsv`` = ``item_id<TAB>title`` (more
+  text columns when the ``text`` option names them) and ``users.tsv`` = ``user_id<TAB>item item ...``
+  (chronological, oldest first, one line per user), no headers; images optionally in a folder
+  (``<item_id><ext>``) or an LMDB keyed by item id.
 - ``movielens``: GroupLens MovieLens-100K (``u.data``, ``u.item`` in latin-1, ``u.genre``) plus a
   ``posters/<item_id>.jpg`` folder. Items without a poster are text-only items, not errors.
 - ``tabular``: a generic CSV/TSV/Parquet layout with a column mapping, for users' own data.
 - ``catalog``: a folder already in the catalog contract (read as it is).
 
 Importers fail on structure (missing or empty files, missing columns, undecodable text, malformed
-lines) with a ``CatalogError`` that names the file and the row. Problems of values (duplicate ids,
+or ragged lines, a user on two lines, a column that holds lists) with a ``CatalogError`` that names
+the file and the row: the line of a text file (the first line of a record that spans several),
+the row of a Parquet file. A UTF-8 byte-order mark is dropped. Problems of values (duplicate ids,
 unknown items, negative timestamps, broken images) are left to validation, which can report or
 quarantine them.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import dataclasses
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +55,16 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         raise CatalogError(path, "is a folder, expected a file") from None
     if not data.strip():
         raise CatalogError(path, "file is empty")
+    bom = 0
+    if codecs.lookup(encoding).name == "utf-8" and data.startswith(codecs.BOM_UTF8):
+        bom = len(codecs.BOM_UTF8)  # written by Excel and Notepad: not part of the first id
     try:
-        return data.decode(encoding)
+        return data[bom:].decode(encoding)
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
+        at = bom + exc.start
+        line = data[:at].count(b"\n") + 1
         raise CatalogError(
-            path, f"text is not valid {encoding} (byte {data[exc.start:exc.start + 1]!r} at offset {exc.start})", line
+            path, f"text is not valid {encoding} (byte {data[at:at + 1]!r} at offset {at})", line
         ) from None
 
 
@@ -82,13 +92,8 @@ def _present_refs(store: ImageStore | None, item_ids: list[str], ext: str) -> li
     if store.kind == "files":
         present = {p.name for p in store.root.iterdir()}
         return [f"{i}{ext}" if f"{i}{ext}" in present else None for i in item_ids]
-    import lmdb
-
-    env = lmdb.open(str(store.root), readonly=True, lock=False, subdir=store.root.is_dir())
-    with env.begin() as txn:
-        refs = [i if txn.get(i.encode("utf-8")) is not None else None for i in item_ids]
-    env.close()
-    return refs
+    store.verify()  # a file or folder that is not an LMDB: one clear error, not a traceback
+    return [i if store.exists(i) == "ok" else None for i in item_ids]
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,37 +102,59 @@ def _present_refs(store: ImageStore | None, item_ids: list[str], ext: str) -> li
 class NineRecOptions:
     items_file: str = "items.tsv"
     users_file: str = "users.tsv"
+    text: list[str] = field(default_factory=lambda: ["title"])
+    """Names of the tab-separated text columns after the item id (each becomes a text field); a
+    line with another number of columns is an error, never glued into the title."""
     images: str | None = None
     """Image folder or LMDB, relative to the dataset folder; None for a text-only domain."""
     image_ext: str = ".jpg"
     """File name suffix of images in a folder (``<item_id><image_ext>``); unused for LMDB."""
 
+    def __post_init__(self):
+        text = [self.text] if isinstance(self.text, str) else list(self.text)
+        if not text or len(set(text)) != len(text):
+            raise ValueError(f"importer 'ninerec': text must name one or more distinct columns, got {self.text!r}")
+        object.__setattr__(self, "text", text)
+
 
 def import_ninerec(path: Path, domain: str, options: dict[str, Any] | None = None) -> Catalog:
     opts = _options(NineRecOptions, options, "ninerec")
     items_path, users_path = path / opts.items_file, path / opts.users_file
-    ids, titles, rows = [], [], []
+    n_fields = 1 + len(opts.text)
+    layout = "<TAB>".join(["item_id", *opts.text])
+    ids, texts, rows = [], {t: [] for t in opts.text}, []
     for n, line in _lines(items_path):
-        item_id, sep, title = line.partition("\t")
-        item_id = item_id.strip()
-        if not sep or not item_id:
-            raise CatalogError(items_path, "expected 'item_id<TAB>title'", n)
+        fields = line.split("\t")
+        item_id = fields[0].strip()
+        if len(fields) == 1 or not item_id:
+            raise CatalogError(items_path, f"expected '{layout}'", n)
+        if len(fields) != n_fields:
+            raise CatalogError(
+                items_path, f"{len(fields)} tab-separated columns, expected {n_fields} ('{layout}'); "
+                f"name every text column with the ninerec option text, e.g. text: [title, description]", n)
         ids.append(item_id)
-        title = title.strip()
-        titles.append(title or None)
+        for t, value in zip(opts.text, fields[1:]):
+            texts[t].append(value.strip() or None)
         rows.append(n)
     store = _image_store(path, opts.images)
     items = pl.DataFrame(
-        {"item_id": ids, "title": titles, "image": _present_refs(store, ids, opts.image_ext), "source_row": rows},
-        schema={"item_id": pl.String, "title": pl.String, "image": pl.String, "source_row": pl.Int64},
+        {"item_id": ids, **texts, "image": _present_refs(store, ids, opts.image_ext), "source_row": rows},
+        schema={"item_id": pl.String, **{t: pl.String for t in opts.text}, "image": pl.String, "source_row": pl.Int64},
     )
     users, seq_items, positions, urows = [], [], [], []
+    first_line: dict[str, int] = {}
     for n, line in _lines(users_path):
         user_id, sep, seq = line.partition("\t")
         user_id = user_id.strip()
         seq = seq.split()
         if not sep or not user_id or not seq:
             raise CatalogError(users_path, "expected 'user_id<TAB>item item ...'", n)
+        if user_id in first_line:
+            # two lines would be interleaved into one sequence (both count positions from 0)
+            raise CatalogError(
+                users_path, f"user {user_id!r} is also on line {first_line[user_id]}: one line per user "
+                f"(lines {first_line[user_id]} and {n}; join them in time order)", n)
+        first_line[user_id] = n
         users.extend([user_id] * len(seq))
         seq_items.extend(seq)
         positions.extend(range(len(seq)))
@@ -137,7 +164,7 @@ def import_ninerec(path: Path, domain: str, options: dict[str, Any] | None = Non
         schema={"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64, "source_row": pl.Int64},
     )
     return Catalog(
-        domain, items, sort_interactions(interactions), ["title"], store,
+        domain, items, sort_interactions(interactions), list(opts.text), store,
         {"importer": "ninerec", "path": str(path), "items_file": str(items_path), "interactions_file": str(users_path)},
     )
 
@@ -233,7 +260,11 @@ class TabularOptions:
 
 
 def _read_table(path: Path) -> pl.DataFrame:
-    """A table of strings with ``source_row`` (the row as a person counts it in the file)."""
+    """A table of strings with ``source_row`` (the row as a person counts it in the file).
+
+    Parquet columns of nested or binary types are kept as they are (a used one is rejected by
+    ``_require``, an unused one is ignored).
+    """
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         if not path.is_file():
@@ -243,25 +274,63 @@ def _read_table(path: Path) -> pl.DataFrame:
         except Exception as exc:  # polars raises several error types for a broken file
             raise CatalogError(path, f"cannot read Parquet: {exc}") from exc
         first = 1
-        df = df.with_columns(pl.col(c).cast(pl.String) for c in df.columns)
-    elif suffix in (".csv", ".tsv"):
-        read_text(path)  # checks existence, emptiness and encoding, naming the line
-        try:
-            df = pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False, encoding="utf8")
-        except Exception as exc:
-            raise CatalogError(path, f"cannot parse as {suffix[1:].upper()}: {exc}") from exc
-        first = 2  # the header is row 1
-    else:
-        raise CatalogError(path, f"unsupported table format {suffix!r}; use .csv, .tsv or .parquet")
-    if df.height == 0:
+        df = df.with_columns(pl.col(c).cast(pl.String) for c, t in df.schema.items() if _scalar(t))
+        if df.height == 0:
+            raise CatalogError(path, "no data rows")
+        return df.with_row_index("source_row", offset=first).with_columns(pl.col("source_row").cast(pl.Int64))
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+    raise CatalogError(path, f"unsupported table format {suffix!r}; use .csv, .tsv or .parquet")
+
+
+def _scalar(dtype: pl.DataType) -> bool:
+    return not (dtype.is_nested() or dtype in (pl.Binary, pl.Object))
+
+
+def _read_delimited(path: Path, sep: str) -> pl.DataFrame:
+    """A CSV/TSV with a header, parsed with the standard ``csv`` module so that each row knows the
+    file line it starts on (a quoted field may span lines). A row with another number of fields
+    than the header, or a quote that never closes, is an error naming that line. Empty fields
+    are null."""
+    text = read_text(path)  # checks existence, emptiness and encoding (naming the line); drops a BOM
+    kind = "TSV" if sep == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    header: list[str] | None = None
+    records, lines = [], []
+    end = 0
+    try:
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record or (len(record) == 1 and not record[0].strip() and header is not None and len(header) > 1):
+                continue  # a blank line
+            if header is None:
+                header = [c.strip() for c in record]
+                dup = sorted({c for c in header if header.count(c) > 1})
+                if dup or not all(header):
+                    raise CatalogError(path, f"header has {'duplicate' if dup else 'empty'} column name(s) {dup or header}", start)
+                continue
+            if len(record) != len(header):
+                span = f" (a quoted field spans lines {start}-{end}: is a quote unbalanced?)" if end > start else ""
+                raise CatalogError(path, f"{len(record)} fields, the header has {len(header)}{span}", start)
+            records.append(record)
+            lines.append(start)
+    except csv.Error as exc:
+        raise CatalogError(path, f"cannot parse as {kind}: {exc} (the record starting on this line)", end + 1) from None
+    if header is None or not records:
         raise CatalogError(path, "no data rows")
-    return df.with_row_index("source_row", offset=first).with_columns(pl.col("source_row").cast(pl.Int64))
+    columns = {c: [r[j] if r[j] != "" else None for r in records] for j, c in enumerate(header)}
+    return pl.DataFrame(
+        {**columns, "source_row": lines}, schema={**{c: pl.String for c in header}, "source_row": pl.Int64}
+    )
 
 
 def _require(df: pl.DataFrame, path: Path, columns: list[str]) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise CatalogError(path, f"missing column(s) {missing}; found {[c for c in df.columns if c != 'source_row']}")
+    nested = {c: str(df.schema[c]) for c in columns if df.schema[c] != pl.String}
+    if nested:
+        raise CatalogError(path, f"column(s) {nested} hold lists or binary values; mmrec reads text or numbers from them")
 
 
 def import_tabular(path: Path, domain: str, options: dict[str, Any] | None = None) -> Catalog:
