@@ -1,15 +1,17 @@
-"""The papers' preprocessing: length filter, last L+3 items, re-indexing, leave-one-out split.
+"""The papers' preprocessing: repeats, length filter, last L+3 items, re-indexing, leave-one-out split.
 
-Protocol (PMMRec / NineRec, ``../shared/reference/papers.md``): drop users with fewer than
-``min_seq_len`` interactions; keep each user's last ``L + 3`` interactions; re-index items
-1..N (0 is padding) and users 0..U-1, saving both maps; split leave-one-out: train on
-``seq[:-2]``, validate on ``seq[-2]``, test on ``seq[-1]``. Deterministic: ids are sorted before
-indexing, so the same catalog always gives the same indices.
+Protocol (PMMRec / NineRec, ``../shared/reference/papers.md``): apply the repeats policy
+(``preprocess.repeats``, default ``drop_all``: each user-item pair once, as in the papers' data;
+``PreprocessConfig`` says why); drop users with fewer than ``min_seq_len`` interactions; keep each
+user's last ``L + 3`` interactions; re-index items 1..N (0 is padding) and users 0..U-1, saving
+both maps; split leave-one-out: train on ``seq[:-2]``, validate on ``seq[-2]``, test on
+``seq[-1]``. Deterministic: ids are sorted before indexing, so the same catalog always gives the
+same indices. Every step's removals are counted (``Preprocessed.changes``) for the report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 
@@ -32,20 +34,55 @@ class Preprocessed:
     splits: pl.DataFrame
     """user_idx, train (list of item_idx, oldest first), valid, test."""
     dropped_users: int
+    """Users with fewer than ``min_seq_len`` interactions (after repeats), dropped."""
+    changes: dict[str, int | str] = field(default_factory=dict)
+    """What each step removed, for ``validation.md`` and ``stats.json`` (see ``preprocess``)."""
+
+
+def drop_repeats(interactions: pl.DataFrame, policy: str) -> pl.DataFrame:
+    """``interactions`` (sorted by user, then time) without the repeats ``policy`` removes.
+
+    ``drop_all`` keeps the first interaction of each user-item pair; ``drop_consecutive`` drops an
+    interaction with the same item as the user's previous one; ``keep`` keeps everything.
+    """
+    if policy == "keep":
+        return interactions
+    if policy == "drop_all":
+        first = pl.col("item_id").is_first_distinct().over("user_id")
+        return interactions.filter(first)
+    if policy == "drop_consecutive":
+        same = (pl.col("item_id") == pl.col("item_id").shift(1)).over("user_id").fill_null(False)
+        return interactions.filter(~same)
+    raise ValueError(f"unknown repeats policy {policy!r}")
 
 
 def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
     # most recent last: sort here rather than trust the caller (ties keep their source order)
-    inter = catalog.interactions.sort(["user_id", "timestamp"], maintain_order=True)
+    raw = catalog.interactions.sort(["user_id", "timestamp"], maintain_order=True)
+    inter = drop_repeats(raw, cfg.repeats)
+    repeated_users = raw.group_by("user_id").len().join(
+        inter.group_by("user_id").len(), on="user_id", how="left", suffix="_kept").filter(pl.col("len") != pl.col("len_kept").fill_null(0))
     lengths = inter.group_by("user_id").len()
     keep_users = lengths.filter(pl.col("len") >= cfg.min_seq_len)["user_id"]
     if keep_users.len() == 0:
+        after = f" (after preprocess.repeats = {cfg.repeats!r} dropped {raw.height - inter.height})" if raw.height > inter.height else ""
         raise ValueError(
             f"domain {catalog.domain!r}: no user has >= {cfg.min_seq_len} interactions "
-            f"(preprocess.min_seq_len); longest has {lengths['len'].max()}"
+            f"(preprocess.min_seq_len); longest has {lengths['len'].max()}{after}"
         )
+    long_enough = inter.filter(pl.col("user_id").is_in(keep_users.implode()))
     # stored order is (user, timestamp) with stable ties, so tail() keeps the most recent ones
-    inter = inter.filter(pl.col("user_id").is_in(keep_users.implode())).group_by("user_id", maintain_order=True).tail(cfg.keep_last)
+    inter = long_enough.group_by("user_id", maintain_order=True).tail(cfg.keep_last)
+    changes = {
+        "repeats": cfg.repeats,
+        "repeats_dropped": raw.height - lengths["len"].sum(),
+        "users_with_repeats_dropped": repeated_users.height,
+        "min_seq_len": cfg.min_seq_len,
+        "short_users_dropped": lengths.height - keep_users.len(),
+        "short_user_interactions_dropped": lengths["len"].sum() - long_enough.height,
+        "keep_last": cfg.keep_last,
+        "older_interactions_cut": long_enough.height - inter.height,
+    }
 
     item_map = inter.select(pl.col("item_id").unique().sort()).with_row_index("item_idx", offset=1)
     user_map = inter.select(pl.col("user_id").unique().sort()).with_row_index("user_idx")
@@ -66,4 +103,5 @@ def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
 
     items = catalog.items.join(item_map, on="item_id", how="inner").sort("item_idx")
     kept = Catalog(catalog.domain, items, inter, catalog.text_fields, catalog.images, catalog.source)
-    return Preprocessed(kept, item_map, user_map, splits, dropped_users=lengths.height - keep_users.len())
+    return Preprocessed(kept, item_map, user_map, splits, dropped_users=lengths.height - keep_users.len(),
+                        changes={k: v if isinstance(v, str) else int(v) for k, v in changes.items()})

@@ -25,7 +25,7 @@ from mmrec.data.catalog import INTERACTION_COLUMNS, ITEM_COLUMNS, Catalog, sort_
 from mmrec.data.images import ImageStore
 from mmrec.data.preprocess import PAD, preprocess
 
-CFG = PreprocessConfig(min_seq_len=3, max_seq_len=2)
+CFG = PreprocessConfig(min_seq_len=3, max_seq_len=2, repeats="keep")  # the hand-worked example keeps u2's repeated a
 
 ITEM_IDS = ["unused", "e", "c2", "b", "only3", "a", "old", "d", "c10"]  # deliberately not sorted
 
@@ -154,7 +154,7 @@ def test_kept_catalog_keeps_domain_fields_and_store(pre):
 
 
 def test_max_seq_len_large_keeps_everything_of_long_enough_users():
-    pre = preprocess(_catalog(), PreprocessConfig(min_seq_len=3, max_seq_len=20))
+    pre = preprocess(_catalog(), PreprocessConfig(min_seq_len=3, max_seq_len=20, repeats="keep"))
     assert pre.catalog.interactions.height == 7 + 3 + 6  # u3 still dropped
     assert "old" in pre.item_map["item_id"].to_list()
     assert pre.splits.filter(pl.col("user_idx") == 2)["train"].item().len() == 5
@@ -170,7 +170,9 @@ def test_min_seq_len_counts_raw_interactions():
 
 def test_no_user_long_enough_is_an_error():
     with pytest.raises(ValueError, match=r"domain 'shop': no user has >= 8 interactions \(preprocess.min_seq_len\); longest has 7"):
-        preprocess(_catalog(), PreprocessConfig(min_seq_len=8))
+        preprocess(_catalog(), PreprocessConfig(min_seq_len=8, repeats="keep"))
+    with pytest.raises(ValueError, match=r"longest has 6 \(after preprocess.repeats = 'drop_all' dropped 1\)"):
+        preprocess(_catalog(), PreprocessConfig(min_seq_len=7))
 
 
 def _outputs(p):
@@ -212,3 +214,63 @@ def test_unsorted_catalog_still_keeps_the_most_recent_interactions():
     unsorted = Catalog("shop", _items(ITEM_IDS), _interactions(rows, source_rows), ["title"])
     reference = preprocess(_catalog(ROWS_NO_TIES), CFG)
     assert preprocess(unsorted, CFG).splits.rows() == reference.splits.rows()
+
+
+# -- repeats (issue 10): a re-consumed item used to stay without a word; with every history item
+# masked in the ranking (the papers' protocol) such a target can never be hit
+REPEATS_ROWS = [
+    # u_stream: a b b c a d d: an immediate repeat (b b, d d) and a later one (a .. a)
+    ("u_stream", "a", 1), ("u_stream", "b", 2), ("u_stream", "b", 3), ("u_stream", "c", 4),
+    ("u_stream", "a", 5), ("u_stream", "d", 6), ("u_stream", "d", 7),
+    # u_short: a a a b: three interactions with 2 distinct items, too short once repeats go
+    ("u_short", "a", 1), ("u_short", "a", 2), ("u_short", "a", 3), ("u_short", "b", 4),
+    ("u_plain", "a", 1), ("u_plain", "b", 2), ("u_plain", "c", 3), ("u_plain", "d", 4),
+]
+
+
+def _repeats_catalog() -> Catalog:
+    return _catalog(REPEATS_ROWS, ["a", "b", "c", "d"])
+
+
+def _sequences(pre) -> dict[str, list[str]]:
+    ids = dict(pre.item_map.iter_rows())
+    users = dict(pre.user_map.iter_rows())
+    return {users[u]: [ids[i] for i in t] + [ids[v], ids[x]] for u, t, v, x in pre.splits.iter_rows()}
+
+
+@pytest.mark.parametrize("policy, expected, dropped", [
+    ("keep", {"u_stream": list("abbcadd"), "u_short": list("aaab"), "u_plain": list("abcd")}, 0),
+    ("drop_consecutive", {"u_stream": list("abcad"), "u_plain": list("abcd")}, 2 + 2),
+    ("drop_all", {"u_stream": list("abcd"), "u_plain": list("abcd")}, 3 + 2),
+])
+def test_repeats_policy(policy, expected, dropped):
+    pre = preprocess(_repeats_catalog(), PreprocessConfig(min_seq_len=3, max_seq_len=20, repeats=policy))
+    assert _sequences(pre) == expected
+    assert pre.changes["repeats"] == policy and pre.changes["repeats_dropped"] == dropped
+
+
+def test_default_policy_leaves_no_target_in_the_history():
+    # regression: u_stream's valid and test items were both 'd', and the test target sat in its history
+    cfg = PreprocessConfig(min_seq_len=3, max_seq_len=20)
+    assert cfg.repeats == "drop_all"
+    pre = preprocess(_repeats_catalog(), cfg)
+    for user, t, v, x in pre.splits.iter_rows():
+        assert v not in t and x not in t + [v], user
+
+
+def test_what_each_step_removed_is_counted():
+    pre = preprocess(_repeats_catalog(), PreprocessConfig(min_seq_len=3, max_seq_len=1))  # keeps the last 4
+    assert pre.changes == {
+        "repeats": "drop_all", "repeats_dropped": 5, "users_with_repeats_dropped": 2,
+        "min_seq_len": 3, "short_users_dropped": 1, "short_user_interactions_dropped": 2,  # u_short: a b
+        "keep_last": 4, "older_interactions_cut": 0,
+    }
+    assert pre.dropped_users == 1
+    pre = preprocess(_repeats_catalog(), PreprocessConfig(min_seq_len=3, max_seq_len=1, repeats="keep"))
+    assert pre.changes["older_interactions_cut"] == 3  # u_stream keeps b c a d d -> c a d d
+    assert pre.changes["short_users_dropped"] == 0
+
+
+def test_unknown_repeats_policy_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"repeats must be one of \['keep', 'drop_consecutive', 'drop_all'\], got 'dedup'"):
+        PreprocessConfig(repeats="dedup")
