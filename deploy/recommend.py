@@ -1,4 +1,4 @@
-"""Ask a running model server (``python -m deploy.serve``) for recommendations.
+"""Ask a running recommendation service (``python -m deploy.serve``) for recommendations.
 
     python -m deploy.recommend --history films-i12 films-i40 --k 5
     python -m deploy.recommend --url http://127.0.0.1:5001 --history a b --history c --json
@@ -19,10 +19,10 @@ DEFAULT_URL = "http://127.0.0.1:5001"
 
 
 def recommend(url: str, histories: list[list[str]], k: int = 10, timeout: float = 60.0) -> list[list[tuple[str, float]]]:
-    """Top-``k`` (item id, score) per history from the server at ``url``; HTTP errors carry the
-    server's message."""
-    body = json.dumps({"dataframe_records": [{"history": h} for h in histories], "params": {"k": k}}).encode()
-    req = urllib.request.Request(url.rstrip("/") + "/invocations", data=body,
+    """Top-``k`` (item id, score) per history from the service at ``url``; an error answer raises a
+    RuntimeError with the service's status, code and message."""
+    body = json.dumps({"users": [{"history": h} for h in histories], "k": k}).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/recommend", data=body,
                                  headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -31,14 +31,11 @@ def recommend(url: str, histories: list[list[str]], k: int = 10, timeout: float 
         detail = exc.read().decode("utf-8", "replace")
         try:
             err = json.loads(detail)
-            # MLflow wraps the model's exception in a generic message; its last traceback line says what
-            cause = [ln for ln in str(err.get("stack_trace", "")).splitlines() if ln.strip()][-1:]
-            detail = f"{err.get('message', detail)} {cause[0].strip() if cause else ''}".strip()
-        except (ValueError, AttributeError):
+            detail = f"{err['code']}: {err['message']}"
+        except (ValueError, KeyError, TypeError):
             pass
         raise RuntimeError(f"{url} answered {exc.code}: {detail}") from None
-    rows = out["predictions"]
-    return [list(zip(r["item_ids"], r["scores"])) for r in rows]
+    return [[(s["item_id"], s["score"]) for s in r["items"]] for r in out["results"]]
 
 
 def main(argv: list[str] | None = None) -> int:

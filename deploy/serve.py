@@ -1,52 +1,69 @@
-"""Serve a registered mmrec model over HTTP with MLflow's scoring server.
+"""Start the recommendation service (``deploy/service.py``) under uvicorn.
 
-    python -m deploy.serve --config configs/demo.yaml                  # the config's only target
-    python -m deploy.serve --config configs/demo.yaml --domain films --port 5001
+    python -m deploy.serve --config configs/demo.yaml                  # <prefix>-<domain>@champion
+    python -m deploy.serve --config configs/demo.yaml --domain films --port 5001 --workers 2
     python -m deploy.serve --tracking-uri sqlite:////abs/mlflow.db --model mmrec-films --alias champion
+    python -m deploy.serve --model-dir artifacts/films/finetuned/model  # an exported folder, no registry
 
-The model is ``models:/<model>@<alias>`` in the registry the pipeline wrote: by default the sqlite
-store under the config's root (``<root>/mlflow/mlflow.db``, what ``make demo`` fills), or any
-``--tracking-uri``. Before starting the server it checks that the alias exists and prints the
-version, its run and tags (the quality gate's verdict among them); a missing model is an error
-that says how to make one. The server is ``mlflow models serve --env-manager local``: it runs in
-this environment (``mmrec`` installed), answers ``GET /ping`` and ``POST /invocations`` with the
-payload documented in ``orchestration/mmrec_pyfunc.py``, e.g.
+In order, before anything heavy: the port is checked (a busy port is an error at once), the model
+is found (``models:/<model>@<alias>`` in the pipeline's MLflow registry: by default the sqlite store
+under the config's root, what ``make demo`` fills, or ``--tracking-uri``; a missing model or alias
+is an error that says how to make one) and its version, run and tags are printed. The registered
+model's exported folder is downloaded once into ``<state-dir>/models/v<version>``; then uvicorn
+starts ``--workers`` processes, each loading the folder (``mmrec.export.load_model``) and serving
+the live catalog kept in ``--state-dir`` (default ``<root>/serving/<model>``, or
+``<model-dir>.serving``), which survives restarts and is shared by the workers.
 
-    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
-         -d '{"dataframe_records": [{"history": ["films-i12", "films-i40"]}], "params": {"k": 5}}'
-
-This process is replaced by the server (``exec``), so Ctrl-C and service managers reach it directly.
+Nothing here imports Dagster or torch (``--check`` stops after printing the model).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
 from pathlib import Path
 
 DEFAULT_ALIAS = "champion"
 DEFAULT_PREFIX = "mmrec"
 DEFAULT_PORT = 5001
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/demo.yaml"
+CONFIG_ENV = "MMREC_CONFIG"
 
 
 class ServeError(RuntimeError):
-    """The model to serve cannot be found: the message says what to do."""
+    """The service cannot start: the message says why and what to do."""
+
+
+def config_path(path: str | None = None) -> Path:
+    """The pipeline YAML: ``path``, else ``$MMREC_CONFIG``, else ``configs/demo.yaml``; a relative
+    path from the working directory when it exists there, else from the project root."""
+    p = Path(os.path.expanduser(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG))
+    if not p.is_absolute() and not p.exists():
+        p = PROJECT_ROOT / p
+    return p.resolve()
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The pipeline's sqlite store under ``root`` (as the orchestration layer writes it)."""
+    return f"sqlite:///{Path(root).absolute() / 'mlflow' / 'mlflow.db'}"
 
 
 def resolve_target(config: str | None, domain: str | None, model: str | None, tracking_uri: str | None,
-                   prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
-    """(tracking URI, registered model name) from a pipeline config and/or explicit values."""
+                   prefix: str = DEFAULT_PREFIX) -> tuple[str, str, Path | None]:
+    """(tracking URI, registered model name, pipeline root or None) from a pipeline config and/or
+    explicit values."""
     if model and tracking_uri:
-        return tracking_uri, model
+        return tracking_uri, model, None
     from mmrec.config import load_config
-    from orchestration import mlflow_support as ms
-    from orchestration.paths import config_path
 
     cfg = load_config(config_path(config))
-    uri = tracking_uri or ms.default_tracking_uri(cfg.root)
+    uri = tracking_uri or default_tracking_uri(cfg.root)
     if model:
-        return uri, model
+        return uri, model, Path(cfg.root)
     targets = [d.name for d in cfg.targets]
     if domain is None:
         if len(targets) != 1:
@@ -55,11 +72,11 @@ def resolve_target(config: str | None, domain: str | None, model: str | None, tr
     if cfg.domain(domain).role != "target":  # unknown domains fail listing the configured ones
         raise ServeError(f"{domain!r} is a {cfg.domain(domain).role} domain of {cfg.config_path}; "
                          f"models are fine-tuned and registered for the targets {targets}")
-    return uri, f"{prefix}-{domain}"
+    return uri, f"{prefix}-{domain}", Path(cfg.root)
 
 
 def describe(tracking_uri: str, model: str, alias: str) -> dict:
-    """The registered version behind ``model@alias``: version, run id, source and tags."""
+    """The registered version behind ``model@alias``: version, run id, source, tags, data version."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -78,24 +95,58 @@ def describe(tracking_uri: str, model: str, alias: str) -> dict:
             "Run the pipeline first (`make demo`, or materialise served_model in the Dagster UI); the "
             "alias is set only when the quality gate passes."
         ) from exc
+    run_tags = {}
+    try:
+        run_tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
+    except MlflowException:
+        pass
     return {"name": model, "alias": alias, "version": str(mv.version), "run_id": mv.run_id,
-            "source": mv.source, "tags": dict(mv.tags)}
+            "source": mv.source, "tags": dict(mv.tags), "git_commit": run_tags.get("git_commit"),
+            "data_version": run_tags.get("dvc_data_md5")}
 
 
-def server_command(model: str, alias: str, host: str, port: int, workers: int, timeout: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model}@{alias}",
-            "--env-manager", "local", "-h", host, "-p", str(port), "-w", str(workers), "-t", str(timeout)]
+def fetch_model(tracking_uri: str, info: dict, dest: Path) -> Path:
+    """The exported model folder of registered version ``info``, downloaded once into ``dest``."""
+    done = dest / ".complete"
+    if not done.exists():
+        import mlflow
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        uri = client.get_model_version_download_uri(info["name"], info["version"])
+        dest.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri)
+        done.touch()
+    found = sorted(p.parent for p in dest.rglob("model.json"))
+    if not found:
+        raise ServeError(f"models:/{info['name']}/{info['version']} holds no exported model folder (no model.json)")
+    return found[0]
 
 
-def server_env(tracking_uri: str) -> dict[str, str]:
-    env = dict(os.environ)
-    # MLflow starts the server as `bash -c "exec uvicorn ..."`: this environment's scripts must be on
-    # PATH even when it was called as .venv/bin/python without activating the venv
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([bindir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]])
-    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri,
-                "MLFLOW_DISABLE_TELEMETRY": env.get("MLFLOW_DISABLE_TELEMETRY", "true")})
-    return env
+def check_port(host: str, port: int) -> None:
+    """Fail at once, before loading anything, when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running "
+                             "there? choose another --port)") from None
+
+
+def parse_limits(pairs: list[str]) -> dict[str, int]:
+    from mmrec.serving import Limits
+
+    names = sorted(Limits.__dataclass_fields__)
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in names or not value.isdigit():
+            raise ServeError(f"--limit {pair!r}: expected NAME=INTEGER with NAME one of {names}")
+        out[name] = int(value)
+    Limits(**out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,27 +157,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="registered model name prefix (default: mmrec)")
     p.add_argument("--alias", default=DEFAULT_ALIAS, help="registry alias to serve (default: champion)")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite store under the config root)")
+    p.add_argument("--model-dir", help="serve this exported model folder instead of the registry's")
+    p.add_argument("--state-dir", help="live catalog folder (default: <root>/serving/<model>, or <model-dir>.serving)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--workers", type=int, default=1, help="server worker processes")
-    p.add_argument("--timeout", type=int, default=60, help="seconds per request before the worker is restarted")
-    p.add_argument("--check", action="store_true", help="only check that the model exists and print it")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (they share the catalog)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds of work per request before it is answered 503")
+    p.add_argument("--faiss-min-items", type=int, default=200_000,
+                   help="exported catalogs this large or larger are searched with faiss (IVF), smaller ones exactly")
+    p.add_argument("--nprobe", type=int, default=16, help="faiss lists visited per query")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                   help="override a request limit (mmrec.serving.Limits), e.g. --limit max_k=50")
+    p.add_argument("--check", action="store_true", help="only check the port and the model, print it and exit")
     args = p.parse_args(argv)
     try:
-        uri, model = resolve_target(args.config, args.domain, args.model, args.tracking_uri, args.prefix)
-        info = describe(uri, model, args.alias)
+        check_port(args.host, args.port)
+        limits = parse_limits(args.limit) if args.limit else {}  # mmrec.serving imports torch
+        if args.model_dir:
+            model_dir = Path(args.model_dir).resolve()
+            if not (model_dir / "model.json").is_file():
+                raise ServeError(f"{model_dir}: not an exported model folder (no model.json)")
+            info = {"name": None, "alias": None, "version": None, "run_id": None, "data_version": None}
+            state = Path(args.state_dir or f"{model_dir}.serving")
+            print(f"model folder {model_dir}", flush=True)
+        else:
+            uri, model, root = resolve_target(args.config, args.domain, args.model, args.tracking_uri, args.prefix)
+            info = describe(uri, model, args.alias)
+            tags = ", ".join(f"{k}={v}" for k, v in sorted(info["tags"].items()))
+            print(f"models:/{model}@{args.alias} -> version {info['version']} (run {info['run_id']})\n"
+                  f"  store: {uri}\n  tags: {tags}", flush=True)
+            state = Path(args.state_dir or (root or Path.cwd()) / "serving" / model)
+            if args.check:
+                return 0
+            model_dir = fetch_model(uri, info, state / "models" / f"v{info['version']}")
     except (ServeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tags = ", ".join(f"{k}={v}" for k, v in sorted(info["tags"].items()))
-    print(f"models:/{model}@{args.alias} -> version {info['version']} (run {info['run_id']})\n"
-          f"  store: {uri}\n  tags: {tags}", flush=True)
     if args.check:
         return 0
-    cmd = server_command(model, args.alias, args.host, args.port, args.workers, args.timeout)
-    print(f"serving on http://{args.host}:{args.port} (POST /invocations, GET /ping): {' '.join(cmd[1:])}", flush=True)
-    os.execve(cmd[0], cmd, server_env(uri))
-    return 0  # not reached
+    settings = {"model_dir": str(model_dir), "state_dir": str(state.resolve()), "limits": limits,
+                "faiss_min_items": args.faiss_min_items, "nprobe": args.nprobe, "timeout_s": args.timeout,
+                "threads": args.threads,
+                "version": {k: info.get(k) for k in ("name", "alias", "version", "run_id", "data_version", "git_commit")}}
+    os.environ["MMREC_SERVE_SETTINGS"] = json.dumps(settings)
+    print(f"serving on http://{args.host}:{args.port} ({args.workers} worker(s); /docs, /health, /ready, /version, "
+          f"POST /recommend); catalog changes in {settings['state_dir']}", flush=True)
+    import uvicorn
+
+    uvicorn.run("deploy.service:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                timeout_keep_alive=5, log_level="info", access_log=False)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,30 +12,32 @@ Input: a DataFrame, one row per request.
               model's catalog or among the row's ``new_items``; an unknown id is an error.
 ``k``         number of recommendations (optional column, per row; else ``params={"k": ...}``;
               else 10).
-``new_items`` optional list of ``{"item_id", "text", "image_path"}`` dicts: items that are not in
-              the catalog (cold-start items added after training). Their vectors come from the
-              model's own item tower run over their raw content (the text tokenized by the model's
-              tokenizer, the image read from ``image_path`` and preprocessed by the image
-              encoder's ``transform()``), exactly as catalog items are encoded; they may appear in
-              the row's ``history`` and they are candidates for that row, next to the catalog.
-              A new item needs text or an image (the model's tower must use that modality); its id
-              must not be a catalog id. ``image_path`` is read from the serving machine: relative
-              to ``$MMREC_IMAGE_ROOT`` when that is set (paths escaping it are refused), else as
-              given. An ID-based model cannot encode new items and raises.
+``new_items`` optional list of ``{"item_id", "text", "image_base64"}`` dicts: items that are not
+              in the catalog (cold-start items added after training). Their vectors come from
+              the model's own item tower run over their raw content (``mmrec.serving.encode_items``:
+              the text tokenized by the model's tokenizer, the image *bytes* (base64) decoded
+              within ``mmrec.serving.Limits`` and preprocessed by the image encoder's
+              ``transform()``), exactly as catalog items are encoded; they may appear in the
+              row's ``history`` and they are candidates for that row, next to the catalog. A new
+              item needs text or an image (the model's tower must use that modality); its id
+              must not be a catalog id. Nothing in a request names a file on the server. An
+              ID-based model cannot encode new items and raises.
 
 Output: a DataFrame with ``item_ids`` (list of str) and ``scores`` (list of float) per row, best
 first, items of the history excluded: the same as ``ExportedModel.recommend``.
 
 REST (``mlflow models serve --env-manager local``): ``{"dataframe_records": [{"history": [...],
-"new_items": [...]}, {"history": [...]}], "params": {"k": 5}}``; fields may be left out per record.
-Torch uses at most ``$MMREC_SERVE_THREADS`` (default 4) threads.
+"new_items": [...]}, {"history": [...]}], "params": {"k": 5}}``; fields may be left out per record. ``k`` must be an integer in 1..200
+(``Limits.max_k``): 0 and negative values are errors. Torch uses at most ``$MMREC_SERVE_THREADS``
+(default 4) threads. The service in ``deploy/`` (``python -m deploy.serve``) serves the same
+folder with the same library code, plus a live catalog; this wrapper exists for MLflow's own
+tools (``mlflow.pyfunc.load_model``, ``mlflow models serve``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -43,7 +45,6 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 DEFAULT_K = 10
-IMAGE_ROOT_ENV = "MMREC_IMAGE_ROOT"
 
 
 def _is_missing(v: Any) -> bool:
@@ -60,74 +61,41 @@ def _as_list(v: Any) -> list:
 
 
 def _as_k(v: Any) -> int:
-    k = int(v)
-    if k != v or k < 1:
-        raise ValueError(f"k must be a positive integer, got {v!r}")
-    return k
+    from mmrec.serving import Limits, check_k
+
+    if hasattr(v, "item"):  # numpy scalars from a DataFrame column
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return check_k(v, Limits())
 
 
-def _read_image(ref: str):
-    from mmrec.data.images import ImageStore
+def _new_item(it: Any):
+    import base64
+    import binascii
 
-    root = os.environ.get(IMAGE_ROOT_ENV)
-    if root:
-        return ImageStore("files", Path(root)).read(ref)  # refuses paths that escape the root
-    p = Path(ref).absolute()
-    return ImageStore("files", p.parent).read(p.name)
+    from mmrec.serving import NewItem
+
+    if not isinstance(it, dict) or not it.get("item_id"):
+        raise ValueError(f"each new item must be a dict with an item_id, got {it!r}")
+    if it.get("image_path"):
+        raise ValueError(f"new item {it['item_id']!r}: image_path is not accepted (nothing in a request may name a "
+                         "server file); send the image's bytes as image_base64")
+    image = None
+    if it.get("image_base64"):
+        try:
+            image = base64.b64decode(it["image_base64"], validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise ValueError(f"new item {it['item_id']!r}: image_base64 is not valid base64") from None
+    return NewItem(str(it["item_id"]), it.get("text"), image)
 
 
 def encode_new_items(model, items: list[dict[str, Any]]):
-    """Item vectors ``(m, d)`` of items given by raw content, through ``model``'s item tower
-    (a ``Recommender`` in eval mode). ``items``: dicts with ``item_id``, ``text``, ``image_path``."""
-    import torch
+    """Item vectors ``(m, d)`` of ``{"item_id", "text", "image_base64"}`` dicts through ``model``'s
+    item tower (``mmrec.serving.encode_items``)."""
+    from mmrec.serving import encode_items
 
-    from mmrec.models.towers import ItemContent
-
-    modalities = model.cfg.item_tower.modalities
-    if not modalities:
-        raise ValueError(f"the {model.cfg.item_tower.name!r} item tower has no content encoder: it cannot score new items")
-    m = len(items)
-    texts = [str(it.get("text") or "") for it in items]
-    paths = [str(it.get("image_path") or "") for it in items]
-    has_text = torch.tensor([False] + [bool(t.strip()) and "text" in modalities for t in texts])
-    has_image = torch.tensor([False] + [bool(p) and "image" in modalities for p in paths])
-    for it, t, v in zip(items, has_text[1:], has_image[1:]):
-        if not (t or v):
-            raise ValueError(f"new item {it.get('item_id')!r} has no content this model reads (modalities: {list(modalities)})")
-    content = ItemContent(m, has_text, has_image)
-    tower = model.item_tower
-    with torch.no_grad():
-        if "text" in modalities:
-            tok = tower.text.encoder.tokenize(["", *texts])  # row 0 = padding
-            tok["input_ids"][~has_text] = 0
-            tok["attention_mask"][~has_text] = 0
-            content.text = dict(tok)  # raw mode: the tower runs the frozen bottom itself
-        if "image" in modalities:
-            enc = tower.image.encoder
-            tf = enc.transform()
-            S = enc.cfg.image_size
-            pixels = torch.zeros(m + 1, 3, S, S)  # (m+1, 3, S, S), normalised
-            for i, p in enumerate(paths, start=1):
-                if has_image[i]:
-                    pixels[i] = tf(_read_image(p))
-            # transform() output is normalised float, as in the feature pipeline: feed it as
-            # "hidden" (the bottom's output, or the pixels themselves when no part is frozen)
-            content.image = {"hidden": enc.bottom(pixels) if enc.cacheable else pixels}
-        was_training = model.training
-        model.eval()
-        try:
-            vecs = tower(content, torch.arange(1, m + 1))  # (m, d)
-        finally:
-            model.train(was_training)
-    return vecs
-
-
-def _in_catalog(exported, item_id: str) -> bool:
-    try:
-        exported.item_index(item_id)
-    except KeyError:
-        return False
-    return True
+    return encode_items(model, [_new_item(it) for it in items])
 
 
 class MMRecModel(PythonModel):
@@ -149,10 +117,8 @@ class MMRecModel(PythonModel):
         exp = self.exported
         ids = []
         for it in new_items:
-            if not isinstance(it, dict) or not it.get("item_id"):
-                raise ValueError(f"each new item must be a dict with an item_id, got {it!r}")
-            iid = str(it["item_id"])
-            if iid in ids or _in_catalog(exp, iid):
+            iid = _new_item(it).item_id
+            if iid in ids or iid in exp._index:
                 raise ValueError(f"new item id {iid!r} is already in the catalog or given twice")
             ids.append(iid)
         vecs = encode_new_items(exp.model, new_items)
@@ -162,7 +128,8 @@ class MMRecModel(PythonModel):
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "history" not in df.columns:
             raise ValueError(f"input needs a 'history' column (list of item ids); got columns {list(df.columns)}")
-        default_k = int((params or {}).get("k") or DEFAULT_K)
+        k_param = (params or {}).get("k")
+        default_k = DEFAULT_K if _is_missing(k_param) else _as_k(k_param)
         n = len(df)
         histories = [[str(i) for i in _as_list(h)] for h in df["history"]]
         ks = [default_k if _is_missing(v) else _as_k(v) for v in (df["k"] if "k" in df.columns else [None] * n)]

@@ -4,6 +4,7 @@ the registered pyfunc model recommends exactly like the exported folder, and raw
 One sqlite store is created per session (its migrations cost ~8 s) and copied for each test.
 """
 
+import base64
 import json
 import os
 import re
@@ -300,9 +301,10 @@ def test_new_items_are_candidates_and_history(registered, exported, tmp_path):
     img = tmp_path / "new.png"
     Image.fromarray(torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(1),
                                   dtype=torch.uint8).numpy()).save(img)
+    b64 = base64.b64encode(img.read_bytes()).decode()
     new = [{"item_id": "new-text", "text": "item number 1 with words x "},  # same content as it1
-           {"item_id": "new-image", "image_path": str(img)},
-           {"item_id": "new-both", "text": "a brand new product", "image_path": str(img)}]
+           {"item_id": "new-image", "image_base64": b64},
+           {"item_id": "new-both", "text": "a brand new product", "image_base64": b64}]
     df = pd.DataFrame({"history": [["it2", "it3"], ["it2", "new-both"], ["it4"]], "k": [N + 3, N + 3, 10],
                        "new_items": [new, new, None]})
     pred = model.predict(df)
@@ -321,14 +323,17 @@ def test_new_items_are_candidates_and_history(registered, exported, tmp_path):
         model.predict(pd.DataFrame({"history": [["it1"]], "new_items": [[{"item_id": "empty", "text": " "}]]}))
 
 
-def test_image_root_confines_image_paths(registered, tmp_path, monkeypatch):
+def test_requests_never_name_server_files(registered, tmp_path):
+    """Images come as bytes within a pixel limit; a path on the server is refused, not opened."""
     model = registered["model"]
-    (tmp_path / "imgs").mkdir()
-    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "imgs" / "red.png")
-    monkeypatch.setenv("MMREC_IMAGE_ROOT", str(tmp_path / "imgs"))
-    ok = model.predict(pd.DataFrame({"history": [["it1"]], "new_items": [[{"item_id": "red", "image_path": "red.png"}]],
-                                     "k": [N + 1]}))
-    assert "red" in ok["item_ids"][0]
-    with pytest.raises(Exception, match="escapes"):
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "red.png")
+    with pytest.raises(Exception, match="image_path is not accepted"):
         model.predict(pd.DataFrame({"history": [["it1"]],
-                                    "new_items": [[{"item_id": "x", "image_path": "../outside.png"}]]}))
+                                    "new_items": [[{"item_id": "x", "image_path": str(tmp_path / "red.png")}]]}))
+    huge = tmp_path / "huge.png"
+    Image.new("1", (5000, 5000)).save(huge)  # a few KB of PNG, 25 M pixels
+    with pytest.raises(Exception, match="5000x5000 pixels: 25000000 exceeds the limit"):
+        model.predict(pd.DataFrame({"history": [["it1"]], "new_items": [[{
+            "item_id": "x", "image_base64": base64.b64encode(huge.read_bytes()).decode()}]]}))
+    with pytest.raises(Exception, match="k must be at least 1, got 0"):
+        model.predict(pd.DataFrame({"history": [["it1"]]}), params={"k": 0})
