@@ -1,7 +1,7 @@
 """Text item encoder: a Hugging Face transformer split into a frozen bottom and a trainable top.
 
-TransRec trains only the top 2 layers of BERT-base (title, 32 tokens) and pools with an additive
-attention (NRMS style); PMMRec trains the top 2 of 12 XLM-RoBERTa layers and keeps every token
+TransRec trains only the top 2 layers of BERT-base (title, 32 tokens) and pools NRMS style (a small
+multi-head self-attention over the tokens, then an additive attention: ``pooling: nrms``); PMMRec trains the top 2 of 12 XLM-RoBERTa layers and keeps every token
 state for fusion. Both are ``TextEncoderConfig(trainable_layers=2, ...)`` here, with ``pooling``
 choosing how tokens become one vector.
 
@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 from mmrec.io import tensor_digest
-
-POOLINGS = ("cls", "mean", "attention")
 
 
 def _minilm_path() -> str:
@@ -54,10 +52,14 @@ class TextEncoderConfig:
     max_length: int = 32
     """Longest tokenized text, special tokens included (TransRec 32, PMMRec 50)."""
     pooling: str = "mean"
-    """``cls`` (first token state), ``mean`` (masked mean over valid tokens) or ``attention``
-    (TransRec's additive attention: Linear(H, a) -> tanh -> Linear(a, 1), softmax over valid tokens)."""
+    """A key of ``POOLINGS``: ``cls`` (first token state), ``mean`` (masked mean over valid tokens),
+    ``attention`` (additive attention: Linear(H, a) -> tanh -> Linear(a, 1), softmax over valid
+    tokens) or ``nrms`` (TransRec, NRMS style: multi-head self-attention over the valid tokens, then
+    the additive attention)."""
     attention_dim: int = 128
-    """a, the hidden width of the additive attention pooling (used by ``pooling: attention`` only)."""
+    """a, the hidden width of the additive attention (``attention`` and ``nrms`` pooling)."""
+    pooling_heads: int = 4
+    """Heads of the ``nrms`` pooling's self-attention; must divide the model's hidden size H."""
     trainable_layers: int = 2
     """k: the last k transformer layers are trained, the rest (and the embeddings) frozen;
     0 freezes everything but the pooling; -1 trains everything, embeddings included (no cache)."""
@@ -77,6 +79,8 @@ class TextEncoderConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; valid poolings: {list(POOLINGS)}")
         if self.attention_dim < 1:
             raise ValueError(f"attention_dim must be >= 1, got {self.attention_dim}")
+        if self.pooling_heads < 1:
+            raise ValueError(f"pooling_heads must be >= 1, got {self.pooling_heads}")
         if self.trainable_layers < -1:
             raise ValueError(f"trainable_layers must be >= 0, or -1 for all, got {self.trainable_layers}")
         if not isinstance(self.overrides, dict):
@@ -132,6 +136,21 @@ def hash_state(modules: list[nn.Module]) -> str:
     return tensor_digest((f"{i}.{key}", t) for i, module in enumerate(modules) for key, t in module.state_dict().items())
 
 
+class ClsPooling(nn.Module):
+    """The first token's state (BERT's [CLS], RoBERTa's <s>)."""
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]  # (B, H)
+
+
+class MeanPooling(nn.Module):
+    """Mean of the valid token states."""
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+
+
 class AttentionPooling(nn.Module):
     """Additive attention over tokens (NRMS / TransRec): Linear(H, a) -> tanh -> Linear(a, 1)."""
 
@@ -146,6 +165,36 @@ class AttentionPooling(nn.Module):
         scores = scores.masked_fill(~mask.bool(), torch.finfo(scores.dtype).min)
         weights = scores.softmax(dim=-1)  # (B, T)
         return torch.einsum("bt,bth->bh", weights, tokens)  # (B, H)
+
+
+class SelfAttentionPooling(nn.Module):
+    """NRMS's news encoder on top of the trained BERT layers (TransRec): multi-head self-attention
+    over the valid tokens, then ``AttentionPooling``. As in NRMS the self-attention output replaces
+    the token states (no residual). A text with no valid token (an item without text) attends to its
+    first position only, so no softmax row is fully masked (NaN); its vector is never used."""
+
+    def __init__(self, hidden: int, dim: int, n_heads: int):
+        super().__init__()
+        if hidden % n_heads:
+            raise ValueError(f"pooling_heads ({n_heads}) must divide the text model's hidden size ({hidden})")
+        self.self_attention = nn.MultiheadAttention(hidden, n_heads, batch_first=True)
+        self.additive = AttentionPooling(hidden, dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.bool()
+        keys = mask.clone()
+        keys[:, 0] |= ~mask.any(dim=1)  # (B, T) at least one key per text
+        mixed, _ = self.self_attention(tokens, tokens, tokens, key_padding_mask=~keys, need_weights=False)  # (B, T, H)
+        return self.additive(mixed, mask)  # (B, H)
+
+
+POOLINGS: dict[str, Callable[[int, "TextEncoderConfig"], nn.Module]] = {
+    "cls": lambda hidden, cfg: ClsPooling(),
+    "mean": lambda hidden, cfg: MeanPooling(),
+    "attention": lambda hidden, cfg: AttentionPooling(hidden, cfg.attention_dim),
+    "nrms": lambda hidden, cfg: SelfAttentionPooling(hidden, cfg.attention_dim, cfg.pooling_heads),
+}
+"""Token states (B, T, H) + mask (B, T) -> one vector (B, H); built with the model's hidden size H."""
 
 
 class TextEncoder(nn.Module):
@@ -179,7 +228,7 @@ class TextEncoder(nn.Module):
             layer.requires_grad_(True)
         if not self.embeddings_frozen:
             self.model.embeddings.requires_grad_(True)
-        self.attention = AttentionPooling(self.hidden_size, cfg.attention_dim) if cfg.pooling == "attention" else None
+        self.pooling = POOLINGS[cfg.pooling](self.hidden_size, cfg)
         self.train(self.training)
 
     # --- structure -------------------------------------------------------------------------------
@@ -254,12 +303,7 @@ class TextEncoder(nn.Module):
 
     def pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One vector per text (B, H) from token states (B, T, H), ignoring padding."""
-        if self.cfg.pooling == "cls":
-            return tokens[:, 0]  # (B, H)
-        if self.cfg.pooling == "mean":
-            m = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
-            return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
-        return self.attention(tokens, attention_mask)  # (B, H)
+        return self.pooling(tokens, attention_mask)  # (B, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token states (B, T, H), pooled (B, H))."""

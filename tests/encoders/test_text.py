@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -146,13 +144,12 @@ def test_all_trainable_has_no_bottom():
 # --- freezing and gradients -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, pooling", [(0, "attention"), (1, "attention"), (2, "mean")])
+@pytest.mark.parametrize("k, pooling", [(0, "attention"), (1, "attention"), (2, "mean"), (0, "nrms"), (1, "nrms")])
 def test_only_top_layers_and_pooling_train(k, pooling):
     enc = tiny(trainable_layers=k, pooling=pooling, attention_dim=8).train()
     layers = enc.model.encoder.layer
     expected = {id(p) for layer in layers[len(layers) - k :] for p in layer.parameters()}
-    if enc.attention is not None:
-        expected |= {id(p) for p in enc.attention.parameters()}
+    expected |= {id(p) for p in enc.pooling.parameters()}
     trainable = {id(p) for p in enc.parameters() if p.requires_grad}
     assert trainable == expected and trainable  # k=0 + attention: only the pooling trains
 
@@ -193,19 +190,35 @@ def test_pooling_ignores_padding(pooling):
 def test_pooling_formulas(enc1):
     tokens = torch.randn(2, 4, enc1.hidden_size)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
-    cls = dataclasses.replace(enc1.cfg, pooling="cls")
-    mean = dataclasses.replace(enc1.cfg, pooling="mean")
-    enc1.cfg, saved = cls, enc1.cfg
-    try:
-        assert torch.equal(enc1.pool(tokens, mask), tokens[:, 0])
-        enc1.cfg = mean
-        torch.testing.assert_close(enc1.pool(tokens, mask)[0], tokens[0, :2].mean(0))
-    finally:
-        enc1.cfg = saved
+    assert torch.equal(POOLINGS["cls"](enc1.hidden_size, enc1.cfg)(tokens, mask), tokens[:, 0])
+    torch.testing.assert_close(POOLINGS["mean"](enc1.hidden_size, enc1.cfg)(tokens, mask)[0], tokens[0, :2].mean(0))
     pooled = enc1.pool(tokens, mask)  # attention: a convex combination of the valid tokens only
     tokens2 = tokens.clone()
     tokens2[0, 2:] = 100.0
     assert torch.allclose(enc1.pool(tokens2, mask)[0], pooled[0])
+
+
+def test_nrms_pooling_is_self_attention_then_additive_attention_over_valid_tokens():
+    enc = tiny(trainable_layers=1, pooling="nrms", attention_dim=8, pooling_heads=4).eval()
+    pool = enc.pooling
+    assert isinstance(pool.self_attention, torch.nn.MultiheadAttention) and pool.self_attention.num_heads == 4
+    tokens = torch.randn(3, 5, enc.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        got = enc.pool(tokens, mask)
+        for b, n in ((0, 3), (1, 5)):  # reference: the valid tokens alone, no mask anywhere
+            x = tokens[b:b + 1, :n]
+            mixed, _ = pool.self_attention(x, x, x)
+            ref = pool.additive(mixed, torch.ones(1, n))
+            torch.testing.assert_close(got[b:b + 1], ref, atol=1e-5, rtol=0)
+    assert torch.isfinite(got).all()  # a text with no token (an image-only item) gives no NaN
+    changed = tokens.clone()
+    changed[0, 1] += 1.0  # a token changes the others' mixed states, so more than its own weight moves
+    assert not torch.allclose(enc.pool(changed, mask)[0], got[0])
+    with pytest.raises(ValueError, match="pooling_heads"):
+        tiny(pooling="nrms", pooling_heads=3)  # does not divide the tiny model's width 32
+    with pytest.raises(ValueError, match="pooling_heads"):
+        TextEncoderConfig.tiny(pooling_heads=0)
 
 
 # --- fingerprint ---------------------------------------------------------------------------------
