@@ -143,7 +143,10 @@ class PreprocessConfig:
     """Drop users with fewer interactions, after repeats are handled (PMMRec uses 3, NineRec 5).
     The one length rule: validation has no minimum of its own."""
     max_seq_len: int = 20
-    """L, the longest training history; each user keeps the last L+3 interactions."""
+    """L, the longest training history; each user keeps the last L+3 interactions. A user's
+    training sequence (up to L+1 items) must fit in one training row of the model, so L <=
+    ``model.max_len`` for a causal user encoder and L <= ``model.max_len + bce_positives - 1`` for
+    a bidirectional one (``ModelConfig.check_history_length``, checked when ``model`` is read)."""
     repeats: str = "drop_all"
     """What to do when a user interacts with the same item again: ``drop_all`` (keep each
     user-item pair's first interaction), ``drop_consecutive`` (only collapse immediate repeats,
@@ -400,9 +403,11 @@ class PipelineConfig:
         from mmrec.models.recommender import ModelConfig
 
         try:
-            return ModelConfig.from_dict(self.sections.get("model"), self._where("model"))
+            model = ModelConfig.from_dict(self.sections.get("model"), self._where("model"))
+            model.check_history_length(self.preprocess.max_seq_len, str(self.config_path))
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        return model
 
     def train(self, phase: str):
         """The ``pretrain`` or ``finetune`` section as a ``TrainConfig``."""

@@ -55,7 +55,7 @@ def fit(model, data: SequenceData, train_cfg, out_dir: Path, tracker=None, ks=(5
     """Train ``model`` on ``data``'s training sequences; early stopping on validation (never test)."""
     from mmrec.training import train
 
-    dataset = TrainExamples(data.train_examples(model.cfg.max_len))
+    dataset = TrainExamples(data.train_examples(model.cfg.train_window - 1))  # rows of train_window items
     if len(dataset) == 0:
         raise ValueError("no user has a training sequence of 2 or more items")
 

@@ -193,3 +193,33 @@ def test_corruption_for_nid_and_rcl_never_inserts_the_users_targets(name, monkey
     noisy = seen[-1]
     replaced = (noisy > 0) & ~torch.isin(noisy, read)
     assert replaced.any() and not torch.isin(noisy[replaced], row).any(), noisy[replaced].unique().tolist()
+
+
+# ----------------------------------------------------------------------------- history length
+
+
+def test_preprocess_history_must_fit_a_training_row(tmp_path):
+    """preprocess.max_seq_len larger than a training row used to drop the oldest training items
+    silently while cold_items counted them as seen; now the config says how the two relate."""
+    from mmrec.config import ConfigError, load_config
+    from mmrec.data.sequences import SequenceData
+
+    sasrec, transrec = id_model("sasrec", 30, max_len=4).cfg, id_model("transrec", 30, max_len=4, bce_positives=3).cfg
+    assert (sasrec.train_window, transrec.train_window) == (5, 7)
+    sasrec.check_history_length(4)
+    transrec.check_history_length(6)
+    with pytest.raises(ValueError, match=r"max_seq_len \(5\) keeps up to 6 .* holds 5 .* <= 4"):
+        sasrec.check_history_length(5)
+    with pytest.raises(ValueError, match=r"holds 7 \(model.max_len \+ objective.bce_positives\)"):
+        transrec.check_history_length(7)
+    # what went wrong before: a training sequence of max_seq_len + 1 = 6 items, rows of 5
+    data = SequenceData(30, [[1, 2, 3, 4, 5, 6]], torch.tensor([7]), torch.tensor([8]))
+    assert 1 not in data.train_examples(sasrec.train_window - 1) and not data.cold_items()[1]
+    # and the pipeline config refuses it when the model section is read
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preprocess: {max_seq_len: 5}\ndomains: [{name: d, source: {format: t, path: p}}]\n"
+                    "model: {dim: 16, max_len: 4, item_tower: {name: id}, objective: {nicl_enabled: false}}\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: preprocess.max_seq_len \(5\)"):
+        load_config(path).model()
+    path.write_text(path.read_text().replace("max_seq_len: 5", "max_seq_len: 4"))
+    assert load_config(path).model().max_len == 4
