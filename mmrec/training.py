@@ -22,6 +22,12 @@ Determinism and exact resume
   evaluations (and may log them to the tracker a second time).
 - Evaluation runs under saved-and-restored RNG states, so evaluating (or how often) never changes
   the training trajectory.
+- The model's device is the run's: batches go there (from pinned memory on CUDA), the forward
+  runs under bf16 autocast on CUDA (``TrainConfig.bf16``), and a step never waits for the device
+  (loss parts are summed there and read every ``log_every`` steps, ``StepSums``). A checkpoint
+  records its device type and resumes only on that type: a CUDA generator's state and stream are
+  not a CPU one's. On CUDA, bit-exact resume also needs deterministic kernels
+  (``torch.use_deterministic_algorithms``; ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
 - Exactness holds with ``num_workers=0``. With worker processes, randomness *inside* the dataset
   or collate function happens in the workers (seeded per epoch, not per batch), so it is not exact
   after a mid-epoch resume; randomness in the model stays exact.
@@ -133,8 +139,9 @@ class TrainConfig:
     """Seeds torch / numpy / random at the start and the data order of every epoch."""
     drop_last: bool = False
     """Drop each epoch's last incomplete batch (in-batch negatives then always come from full batches)."""
-    bf16: bool = False
-    """Run the model's forward under ``torch.autocast(<model device>, dtype=torch.bfloat16)``."""
+    bf16: bool | None = None
+    """Run the model's forward under ``torch.autocast(<model device>, dtype=torch.bfloat16)``;
+    ``None``: on when the model is on CUDA (``compute.device``), off elsewhere."""
     num_workers: int = 0
     """DataLoader worker processes (exact resume needs 0 when the data pipeline draws random numbers)."""
     log_every: int = 10
@@ -172,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be true, false or null (on for CUDA only), got {self.bf16!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
 
@@ -229,12 +238,13 @@ class TrainState:
     eval_sums: dict[str, float] = field(default_factory=dict)
     eval_count: int = 0
 
-    def add(self, parts: Mapping[str, float]) -> None:
-        for sums in (self.log_sums, self.eval_sums):
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-        self.log_count += 1
-        self.eval_count += 1
+    def add(self, sums: Mapping[str, float], count: int = 1) -> None:
+        """Add the loss parts of ``count`` steps (``sums``: their totals)."""
+        for own in (self.log_sums, self.eval_sums):
+            for k, v in sums.items():
+                own[k] = own.get(k, 0.0) + v
+        self.log_count += count
+        self.eval_count += count
 
     @staticmethod
     def means(sums: Mapping[str, float], count: int) -> dict[str, float]:
@@ -552,6 +562,7 @@ def _save_checkpoint(
     state: TrainState,
     cfg: TrainConfig,
     generators: Mapping[str, AnyGenerator],
+    device: torch.device,
 ) -> None:
     rng_tensors, rng_json = _split_rng(_capture_rng(generators))
     with atomic_dir(out_dir / CHECKPOINT) as tmp:
@@ -568,6 +579,7 @@ def _save_checkpoint(
                 "format": STATE_FORMAT,
                 "state": dataclasses.asdict(state),
                 "config": dataclasses.asdict(cfg),
+                "device": device.type,
                 "rng": rng_json,
             },
         )
@@ -602,6 +614,11 @@ def _load_checkpoint(
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{ckpt}: unsupported checkpoint format {meta.get('format')!r} (expected {STATE_FORMAT})")
     state = TrainState(**meta["state"])
+    saved_device = meta.get("device", "cpu")  # checkpoints from before devices were CPU ones
+    if saved_device != device.type:
+        # the random streams (a CUDA generator's state is not a CPU one's) and the kernels differ
+        raise ValueError(f"cannot resume {ckpt}: it was trained on {saved_device}, the model is on {device.type}; "
+                         f"resume on {saved_device}, or use resume=False or another out_dir to start a new run")
     _check_resumable(meta["config"], cfg, state.n_examples, n, ckpt)
     _load_weights(model, ckpt / "model.safetensors", device)
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
@@ -640,40 +657,90 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _scalar(name: str, v: Any) -> float:
+def _scalar(name: str, v: Any) -> torch.Tensor | float:
+    """A loss part as a float64 scalar, left on its device (reading it would wait for the GPU)."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"training_loss()[{name!r}] must be a scalar, got shape {tuple(v.shape)}")
-        return float(v.detach().float())
+        return v.detach().reshape(()).to(torch.float64)
     return float(v)
 
 
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast: ``cfg.bf16``, or on CUDA only when it is None."""
+    return device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+
+
+class StepSums:
+    """The loss parts of the steps since the last read, summed where they were computed.
+
+    Reading a CUDA scalar makes the host wait for the GPU, so a step reads nothing: its parts are
+    added on the device and the non-finite checks become a device-side record of the first bad
+    step. ``flush`` (every ``log_every`` steps, before an evaluation and before a checkpoint) moves
+    the sums into the ``TrainState`` with one transfer and raises ``FloatingPointError`` for a
+    non-finite loss or gradient norm, naming the step. A bad step is thus reported up to
+    ``log_every`` steps late, but before anything after it is evaluated or checkpointed. Sums are
+    float64, as the Python floats they replace, so logged means do not change.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.count = 0
+        self.bad = torch.zeros(2, dtype=torch.long, device=device)  # first step with a bad (loss, grad norm); 0: none
+
+    def add(self, parts: Mapping[str, torch.Tensor | float], finite: torch.Tensor, step: int) -> None:
+        """``finite``: (2,) bool, whether this step's loss and gradient norm are finite."""
+        for k, v in parts.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+        self.bad = torch.where((self.bad == 0) & ~finite, step, self.bad)
+
+    def flush(self, state: TrainState) -> None:
+        if not self.count:
+            return
+        names = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        values = torch.cat([torch.stack([self.sums[k].to(self.device) for k in names] or [self.bad.new_zeros((), dtype=torch.float64)]),
+                            self.bad.to(torch.float64)]).tolist()  # the one wait for the device
+        bad_loss, bad_grad = int(values[-2]), int(values[-1])
+        if bad_loss and (not bad_grad or bad_loss <= bad_grad):
+            raise FloatingPointError(f"non-finite training loss at step {bad_loss}")
+        if bad_grad:
+            raise FloatingPointError(f"non-finite gradient norm at step {bad_grad}")
+        sums = {k: (values[names.index(k)] if k in names else v) for k, v in self.sums.items()}
+        state.add(sums, self.count)
+        self.sums, self.count = {}, 0
+
+
 def _train_step(
-    model: nn.Module, batch: Any, optimizer, scheduler, cfg: TrainConfig, device: torch.device, step: int
-) -> tuple[dict[str, float], list[float]]:
-    """One optimizer step; returns the loss parts (and gradient norm) and the lr each group used."""
+    model: nn.Module, batch: Any, optimizer, scheduler, cfg: TrainConfig, device: torch.device, step: int,
+    sums: StepSums,
+) -> list[float]:
+    """One optimizer step, with no host-device synchronisation of its own; adds the loss parts (and
+    gradient norm) to ``sums`` and returns the lr each group used."""
     model.train()
     batch = _to_device(batch, device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device)):
         out = model.training_loss(batch)
     if "loss" not in out:
         raise KeyError(f"training_loss() must return a 'loss' entry, got {sorted(out)}")
     loss = out["loss"].float()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step + 1}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parts = {k: _scalar(k, v) for k, v in out.items()}
+    finite = torch.isfinite(loss.detach())
     if cfg.grad_clip is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step + 1}")
-        parts["grad_norm"] = norm
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        parts["grad_norm"] = norm.detach().to(torch.float64)
+        finite = torch.stack([finite, torch.isfinite(norm)])
+    else:
+        finite = torch.stack([finite, torch.ones_like(finite)])
     lrs = [g["lr"] for g in optimizer.param_groups]
     optimizer.step()
     scheduler.step()
-    return parts, lrs
+    sums.add(parts, finite.to(device), step + 1)
+    return lrs
 
 
 def _evaluate(
@@ -759,6 +826,7 @@ def train(
         return pf
 
     def run_eval() -> None:
+        pending.flush(state)
         metrics = _evaluate(model, evaluate, generators)
         if cfg.monitor not in metrics:
             raise KeyError(f"monitor {cfg.monitor!r} is not among the metrics evaluate() returned: {sorted(metrics)}")
@@ -779,10 +847,12 @@ def train(
         notify("eval")
 
     def run_checkpoint() -> None:
-        _save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg, generators)
+        pending.flush(state)
+        _save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg, generators, device)
         notify("checkpoint")
 
     dirty = False  # something happened since the last checkpoint
+    pending = StepSums(device)  # loss parts not yet read from the device
     pbar = tqdm(total=total, initial=state.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
     try:
         while not _finished(state, cfg):
@@ -797,15 +867,15 @@ def train(
                 generator=torch.Generator().manual_seed(_derived_seed(cfg.seed, state.epoch, 1)),
             )
             for batch in loader:
-                parts, lrs = _train_step(model, batch, optimizer, scheduler, cfg, device, state.step)
+                lrs = _train_step(model, batch, optimizer, scheduler, cfg, device, state.step, pending)
                 state.step += 1
                 state.batch_in_epoch += 1
                 epoch_done = state.batch_in_epoch == per_epoch
                 if epoch_done:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                state.add(parts)
                 dirty = True
                 if state.step % cfg.log_every == 0:
+                    pending.flush(state)
                     logged = {f"train/{k}": v for k, v in TrainState.means(state.log_sums, state.log_count).items()}
                     logged.update({f"train/lr/{name}": lr for name, lr in zip(group_names, lrs)})
                     tracker.log_metrics(logged, step=state.step)

@@ -564,3 +564,84 @@ def test_full_state_files_from_before_still_load(tmp_path):
     save_model(nn.Linear(2, 2), str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="tensors the model does not have"):
         _load_weights(dst, tmp_path / "other.safetensors", torch.device("cpu"))
+
+
+# -- devices: resume on the same device type, no per-step host round trip, deferred checks -----------
+def test_resume_refuses_a_checkpoint_from_another_device_type(tmp_path):
+    cfg, out = cfg_(max_steps=12, checkpoint_every=4), tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(out, cfg, hook=killer("step", 6))
+    state_path = out / "checkpoint" / "state.json"
+    meta = json.loads(state_path.read_text())
+    assert meta["device"] == "cpu"
+    state_path.write_text(json.dumps({**meta, "device": "cuda"}))  # as if written on a GPU
+    with pytest.raises(ValueError, match="trained on cuda, the model is on cpu"):
+        run(out, cfg)
+
+
+def test_bf16_default_is_on_for_cuda_only():
+    from mmrec.training import use_bf16
+
+    assert TrainConfig().bf16 is None
+    assert not use_bf16(TrainConfig(), torch.device("cpu")) and use_bf16(TrainConfig(), torch.device("cuda"))
+    assert use_bf16(TrainConfig(bf16=True), torch.device("cpu")) and not use_bf16(TrainConfig(bf16=False), torch.device("cuda"))
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig(bf16="yes")
+
+
+class TensorPairs(Dataset):
+    """Pairs as tensors (no per-example ``int(tensor)``, which would read a tensor per step)."""
+
+    def __init__(self, n: int):
+        self.x = torch.arange(n) % V
+        self.y = TARGET[self.x]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def stack(rows):
+    return {"x": torch.stack([r[0] for r in rows]), "y": torch.stack([r[1] for r in rows])}
+
+
+def test_a_training_step_does_not_read_tensors_back(tmp_path, monkeypatch):
+    """On CUDA every read of a tensor's value (``float(t)``, ``t.item()``, ``if t:``) waits for the
+    GPU. The number of reads of a run with one evaluation must not grow with its number of steps.
+    (AdamW reads its step counters, which it keeps on the CPU on every device: not counted.)"""
+    reads = []
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename.replace(os.sep, "/")
+            if "/torch/optim/" not in caller:
+                reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def count(steps: int) -> int:
+        reads.clear()
+        cfg = cfg_(epochs=1, batch_size=4, scheduler="constant", warmup_steps=0, log_every=1000)
+        train(Toy(), TensorPairs(4 * steps), stack, evaluate, cfg, tmp_path / str(steps))
+        return len(reads)
+
+    assert count(3) == count(12)
+
+
+def test_a_non_finite_loss_names_its_step_and_is_never_checkpointed(tmp_path):
+    class Exploding(Toy):
+        def training_loss(self, batch):
+            out = super().training_loss(batch)
+            if int(self.seen) > 5 * 32:  # from step 6 on
+                out["loss"] = out["loss"] * float("inf")
+            return out
+
+    cfg = cfg_(max_steps=20, checkpoint_every=4, log_every=4)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 6"):
+        train(Exploding(), Pairs(), collate, evaluate, cfg, tmp_path)
+    saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert saved["state"]["step"] == 4  # the checkpoint due at step 8 was refused
