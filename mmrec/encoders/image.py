@@ -12,8 +12,11 @@ PMMRec's CLIP ViT-B/32: stem = patch + prefix-token + position embedding, stages
 ``blocks``, head = the final norm). With ``trainable_blocks=k``
 the **bottom** is the stem and the first ``n - k`` stages (plus the head when k=0), run under
 ``torch.no_grad()`` in eval mode (BatchNorm statistics frozen); the **top** is the rest. The final
-feature map (B, C, h, w) becomes ``g*g`` tokens by adaptive average pooling (token-level fusion)
-and one pooled vector by a global average, as timm's classifier head computes it.
+feature map (B, C, h, w) becomes ``g*g`` tokens by adaptive average pooling (token-level fusion;
+``token_grid: g``, the CPU option: few tokens to fuse) and one pooled vector by a global average, as
+timm's classifier head computes it. ``token_grid: all`` keeps every token instead: a ViT's final
+token states as they are (PMMRec: the class token and all 49 patches of ViT-B/32, 50 tokens), a CNN's
+every cell of the final map.
 
 The packaged Lite0 weights use another naming scheme (``_blocks.3._bn1.weight``) but hold the same
 tensors, in the same order, as timm's ``tf_efficientnet_lite0``; they are mapped by position with
@@ -74,8 +77,10 @@ class ImageEncoderConfig:
     trainable_blocks: int = 2
     """k: the last k stages of the backbone's stage list are trained (for EfficientNet also the
     conv head); 0 freezes the whole backbone; -1 trains everything, stem included (no cache)."""
-    token_grid: int = 2
-    """g: the final feature map is average-pooled to g x g tokens for token-level fusion."""
+    token_grid: int | str = 2
+    """Image tokens for token-level fusion: an int g average-pools the final feature map (a ViT's
+    patch grid) to g x g tokens (the CPU option: few tokens); ``all`` keeps every token, for a ViT
+    the class token and every patch (PMMRec), for a CNN every cell of the final map."""
     random_init: bool = False
     """Random weights, nothing loaded (tests)."""
     weights: str | None = None
@@ -93,8 +98,9 @@ class ImageEncoderConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.trainable_blocks < -1:
             raise ValueError(f"trainable_blocks must be >= 0, or -1 for all, got {self.trainable_blocks}")
-        if self.token_grid < 1:
-            raise ValueError(f"token_grid must be >= 1, got {self.token_grid}")
+        if self.token_grid != "all" and (isinstance(self.token_grid, bool) or not isinstance(self.token_grid, int)
+                                         or self.token_grid < 1):
+            raise ValueError(f"token_grid must be an integer >= 1 or 'all', got {self.token_grid!r}")
         if self.random_init and (self.pretrained or self.weights):
             raise ValueError("random_init excludes pretrained and weights")
         if self.pretrained and self.weights:
@@ -340,8 +346,26 @@ class ImageEncoder(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        """g*g, tokens per image."""
-        return self.cfg.token_grid**2
+        """Tokens per image: g*g for a grid; with ``all`` a ViT's prefix tokens + patches, a CNN's
+        final map cells (found once by running a blank image through the network)."""
+        if self.cfg.token_grid != "all":
+            return self.cfg.token_grid**2
+        if getattr(self, "_n_all_tokens", None) is None:
+            if hasattr(self.model, "patch_embed"):
+                h, w = self.model.patch_embed.grid_size
+                self._n_all_tokens = int(self.model.num_prefix_tokens) + h * w
+            else:
+                was_training = self.training
+                self.eval()
+                try:
+                    with torch.no_grad():
+                        device = next(self.model.parameters()).device
+                        size = self.cfg.image_size
+                        fmap = self.model.forward_features(torch.zeros(1, 3, size, size, device=device))  # (1, C, h, w)
+                finally:
+                    self.train(was_training)
+                self._n_all_tokens = int(fmap.shape[2] * fmap.shape[3])
+        return self._n_all_tokens
 
     @property
     def cacheable(self) -> bool:
@@ -413,25 +437,31 @@ class ImageEncoder(nn.Module):
         return self._run(self._top_modules(), features)
 
     def pool(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, g*g, C), pooled (B, C)) from a CNN's final map (B, C, h, w) or a ViT's tokens.
+        """(tokens (B, num_tokens, C), pooled (B, C)) from a CNN's final map (B, C, h, w) or a ViT's tokens.
 
         A ViT's final tokens (B, P + h*w, C) are the P prefix tokens then the patch grid: the grid is
-        pooled to g x g tokens like a CNN map, and the pooled vector is the ViT's own pre-logits
-        (its ``global_pool``: the class token for CLIP and most ViTs, then ``fc_norm``).
+        pooled to g x g tokens like a CNN map (``all``: every token, prefix included, as it is), and
+        the pooled vector is the ViT's own pre-logits (its ``global_pool``: the class token for CLIP
+        and most ViTs, then ``fc_norm``).
         """
         g = self.cfg.token_grid
         if fmap.dim() == 3:  # ViT tokens
             pooled = self.model.forward_head(fmap, pre_logits=True)  # (B, C)
+            if g == "all":
+                return fmap, pooled  # (B, P + h*w, C), (B, C)
             h, w = self.model.patch_embed.grid_size
             patches = fmap[:, self.model.num_prefix_tokens :]  # (B, h*w, C)
             fmap = patches.transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], h, w)  # (B, C, h, w)
             return F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2), pooled
-        tokens = F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2)  # (B, g*g, C)
+        if g == "all":
+            tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        else:
+            tokens = F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2)  # (B, g*g, C)
         pooled = fmap.mean(dim=(2, 3))  # (B, C)
         return tokens, pooled
 
     def top(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, g*g, C), pooled (B, C)) from bottom features."""
+        """(tokens (B, num_tokens, C), pooled (B, C)) from bottom features."""
         return self.pool(self.top_map(features))
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -440,7 +470,7 @@ class ImageEncoder(nn.Module):
         return self.top_map(x)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, g*g, C), pooled (B, C)) from normalised pixels (B, 3, S, S)."""
+        """(tokens (B, num_tokens, C), pooled (B, C)) from normalised pixels (B, 3, S, S)."""
         return self.pool(self.features(pixels))
 
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -469,4 +499,8 @@ class ImageEncoder(nn.Module):
             "interpolation": str(self.data_config.get("interpolation")),
             "weights": hash_state(self.frozen_modules()),
         }
+        if self.head_frozen and self.cfg.token_grid == "all":
+            # with nothing trained the cache holds the tokens. A grid's g*g rows identify it (the cache
+            # checks shapes), but every cell of a 7x7 map is as many rows as a 7x7 grid: say which.
+            parts["tokens"] = "all"
         return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]

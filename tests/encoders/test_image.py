@@ -45,6 +45,8 @@ def pixels() -> torch.Tensor:
     [
         (dict(trainable_blocks=-2), "trainable_blocks"),
         (dict(token_grid=0), "token_grid"),
+        (dict(token_grid="every"), "token_grid"),
+        (dict(token_grid=True), "token_grid"),
         (dict(image_size=8), "image_size"),
         (dict(random_init=True, weights="w.pth"), "random_init"),
         (dict(name="resnet18", pretrained=True, weights="w.pth"), "not both"),
@@ -116,6 +118,34 @@ def test_vit_split_equals_forward_features(k, pixels):
     grid = ref[:, 1:].reshape(2, 4, 4, C)  # patches in row-major order
     torch.testing.assert_close(tokens[:, 0], grid[:, :2, :2].mean((1, 2)), atol=1e-5, rtol=0)  # top-left
     torch.testing.assert_close(tokens[:, 3], grid[:, 2:, 2:].mean((1, 2)), atol=1e-5, rtol=0)  # bottom-right
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_all_tokens_are_the_class_token_and_every_patch(k, pixels):
+    """PMMRec feeds every token state of the ViT (class token + patches) to merge-attention."""
+    enc = tiny(name=VIT, trainable_blocks=k, overrides=VIT_TINY, token_grid="all").eval()
+    with torch.no_grad():
+        ref = enc.model.forward_features(pixels)  # (B, 1 + 16, C)
+        tokens, pooled = enc(pixels)
+        t2, p2 = enc.top(enc.bottom(pixels))
+    assert enc.num_tokens == 17 and tokens.shape == (2, 17, enc.out_dim)
+    torch.testing.assert_close(tokens, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, ref[:, 0], atol=1e-5, rtol=0)
+    assert torch.equal(t2, tokens) and torch.equal(p2, pooled)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_all_tokens_of_a_cnn_are_every_cell_of_the_final_map(name, pixels):
+    enc = tiny(name=name, trainable_blocks=0, token_grid="all").eval()
+    with torch.no_grad():
+        ref = enc.model.forward_features(pixels)  # (B, C, 2, 2) at 64 px
+        tokens, pooled = enc(pixels)
+    assert enc.num_tokens == ref.shape[2] * ref.shape[3] == tokens.shape[1]
+    torch.testing.assert_close(tokens, ref.flatten(2).transpose(1, 2), atol=1e-5, rtol=0)
+    assert enc.training is False and all(not m.training for m in enc.frozen_modules())
+    # with nothing trained the cache holds the tokens: 'all' and the grid with as many rows differ
+    grid = tiny(name=name, trainable_blocks=0, token_grid=2)
+    assert grid.num_tokens == enc.num_tokens and grid.fingerprint() != enc.fingerprint()
 
 
 def test_vit_frozen_stem_holds_the_embeddings():
