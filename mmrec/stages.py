@@ -88,6 +88,7 @@ def validated_catalog(cfg: PipelineConfig, domain: str, progress: bool = True) -
         report.write(failed_path)
         raise ValidationError(report, failed_path)
     pre = preprocess(clean, cfg.preprocess)
+    report.preprocessing = pre.changes  # repeats, short users, the L+3 cut: counted in validation.md
     stats = {
         **report.stats,
         "after_preprocess": {
@@ -96,7 +97,9 @@ def validated_catalog(cfg: PipelineConfig, domain: str, progress: bool = True) -
             "interactions": pre.catalog.interactions.height,
             "dropped_users": pre.dropped_users,
         },
+        "preprocessing": pre.changes,
         "quarantined": report.quarantined,
+        "quarantine_reasons": report.quarantine_reasons,
     }
     out = cfg.artifact_path("validated_catalog", d.name)
     with atomic_dir(out) as tmp:

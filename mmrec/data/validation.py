@@ -4,12 +4,16 @@ Checks (per domain thresholds from ``ValidationConfig``):
 
 ===============  ===============================================================================
 items            schema; item ids present and unique; every item has text or an image;
-                 image references stay inside the image folder, exist and decode;
+                 image references stay inside the image folder, exist, decode and are within the
+                 pixel limit (a failing image is reported by kind: ``images.FAILURES``);
                  share of items with non-empty text / with a readable image (modality completeness)
 interactions     user, item and timestamp present; timestamps >= 0; every item exists
                  (referential integrity); timestamps non-decreasing in each user's stored order
-users            sequence length within bounds
+users            sequence length at most ``max_user_interactions`` (when set)
 ===============  ===============================================================================
+
+Too short users are not a failure here: ``preprocess.min_seq_len`` drops them, in both modes, and
+the report counts them with the other preprocessing changes (``ValidationReport.preprocessing``).
 
 Derived columns (has_text, image_status, item_known, ...) are computed with polars first, then
 every expectation runs in Great Expectations on pandas frames (GX 1.x has no polars support).
@@ -17,12 +21,14 @@ GX takes seconds to import, so it is imported only inside ``run_expectations``.
 
 In ``fail`` mode a failed validation raises ``ValidationError`` naming each failing expectation
 with counts and sample rows (file and row). In ``quarantine`` mode the failing rows are moved to
-side tables with a ``reason`` column, the rest is validated again and goes on.
+side tables with a ``reason`` column, the rest is validated again and goes on; the counts per
+reason are logged (a warning on stderr) and written to the report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,9 +40,11 @@ from tqdm.auto import tqdm
 
 from mmrec.config import ValidationConfig
 from mmrec.data.catalog import Catalog
-from mmrec.data.images import ImageStore
+from mmrec.data.images import FAILURES, ImageStore
 
 IMAGE_OK = ("none", "ok")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +81,9 @@ class ValidationReport:
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     first_pass: list[Outcome] = field(default_factory=list)
     """In quarantine mode: the failures found before the bad rows were moved aside."""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    """What preprocessing then removed (``Preprocessed.changes``: repeats, short users, the cut to
+    the last L+3), filled in by the stage before the report is written."""
 
     @property
     def failures(self) -> list[Outcome]:
@@ -83,8 +94,14 @@ class ValidationReport:
         for o in self.failures:
             lines.append(_describe(o, self.files))
         if self.quarantined:
-            lines.append(f"quarantined rows: {self.quarantined} ({self.quarantine_reasons})")
+            lines.append(self.quarantine_summary())
         return "\n".join(lines)
+
+    def quarantine_summary(self) -> str:
+        """What quarantine moved aside: rows per table, then rows per reason."""
+        tables = ", ".join(f"{n} {table} rows" for table, n in self.quarantined.items())
+        reasons = "".join(f"\n  {n:>6}  {r}" for r, n in self.quarantine_reasons.items())
+        return f"quarantined {tables} of domain {self.domain!r}; per reason:{reasons}"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -133,6 +150,19 @@ class ValidationReport:
             out += ["", "## Quarantine", ""]
             out += [f"- {table}: {n} rows" for table, n in self.quarantined.items()]
             out += [f"- reason `{r}`: {n}" for r, n in self.quarantine_reasons.items()]
+        if s.get("image_failures"):
+            out += ["", "## Images that cannot be used", ""]
+            out += [f"- `{k}` ({FAILURES[k]}): {n}" for k, n in s["image_failures"].items()]
+        if self.preprocessing:
+            p = self.preprocessing
+            out += [
+                "", "## Preprocessing", "",
+                f"- repeats (`preprocess.repeats: {p['repeats']}`): {p['repeats_dropped']} interactions dropped, "
+                f"of {p['users_with_repeats_dropped']} users",
+                f"- users with fewer than {p['min_seq_len']} interactions (`preprocess.min_seq_len`, after repeats): "
+                f"{p['short_users_dropped']} dropped, with {p['short_user_interactions_dropped']} interactions",
+                f"- older interactions beyond each user's last {p['keep_last']} (L+3): {p['older_interactions_cut']} cut",
+            ]
         return "\n".join(out) + "\n"
 
     def write(self, md_path: str | os.PathLike) -> Path:
@@ -175,8 +205,13 @@ def _describe(o: Outcome, files: dict[str, str]) -> str:
 
 # ------------------------------------------------------------------------------------------
 # Derived tables (pure polars, no GX)
-def image_statuses(store: ImageStore | None, refs: list[str | None], decode: bool, progress: bool = False) -> list[str]:
-    """``none`` for no image, else ``ok`` / ``missing`` / ``corrupt`` / ``escapes`` per reference."""
+def image_statuses(store: ImageStore | None, refs: list[str | None], decode: bool, progress: bool = False,
+                   max_pixels: int | None = None) -> list[str]:
+    """``none`` for no image, else ``ok`` or the failure kind (``images.FAILURES``) per reference.
+
+    Raises ``ImageStoreError`` when the store itself is unusable (not an LMDB): one message, not
+    the same failure for every item.
+    """
     todo = [(i, r) for i, r in enumerate(refs) if r is not None]
     out = ["none"] * len(refs)
     if not todo:
@@ -185,7 +220,8 @@ def image_statuses(store: ImageStore | None, refs: list[str | None], decode: boo
         for i, _ in todo:
             out[i] = "missing"
         return out
-    check = store.check if decode else store.exists
+    store.verify()
+    check = (lambda ref: store.check(ref, max_pixels)) if decode else store.exists
     # PIL releases the GIL while decoding: threads use both cores without process start-up.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda r: check(r[1]), todo, chunksize=32)
@@ -196,7 +232,7 @@ def image_statuses(store: ImageStore | None, refs: list[str | None], decode: boo
 
 def derive_tables(catalog: Catalog, cfg: ValidationConfig, progress: bool = False) -> dict[str, pl.DataFrame]:
     """The three validated tables with the derived columns the expectations read."""
-    status = image_statuses(catalog.images, catalog.items["image"].to_list(), cfg.check_images, progress)
+    status = image_statuses(catalog.images, catalog.items["image"].to_list(), cfg.check_images, progress, cfg.max_image_pixels)
     items = catalog.items.with_row_index("_rid").with_columns(
         catalog.text().is_not_null().alias("has_text"),
         pl.Series("image_status", status, dtype=pl.String),
@@ -232,7 +268,7 @@ def _suites(catalog: Catalog, cfg: ValidationConfig) -> dict[str, list[tuple[Any
             (E.ExpectColumnValuesToBeUnique(column="item_id"), "item id unique", True),
             (E.ExpectColumnValuesToBeInSet(column="has_modality", value_set=[True]), "item has text or an image", True),
             (E.ExpectColumnValuesToBeInSet(column="image_status", value_set=list(IMAGE_OK)),
-             "image inside the image folder, exists and decodes", True),
+             "image inside the image folder, exists and decodes", True),  # image_status says which failure
         ],
         "interactions": [
             (E.ExpectTableColumnsToMatchSet(column_set=["user_id", "item_id", "timestamp", "source_row"], exact_match=False),
@@ -244,11 +280,10 @@ def _suites(catalog: Catalog, cfg: ValidationConfig) -> dict[str, list[tuple[Any
             (E.ExpectColumnValuesToBeInSet(column="item_known", value_set=[True]), "item exists in the catalog", True),
             (E.ExpectColumnValuesToBeInSet(column="ts_ordered", value_set=[True]), "timestamps ordered per user", True),
         ],
-        "users": [
-            (E.ExpectColumnValuesToBeBetween(column="n_interactions", min_value=cfg.min_user_interactions,
-                                             max_value=cfg.max_user_interactions), "sequence length within bounds", True),
-        ],
     }
+    if cfg.max_user_interactions is not None:
+        suites["users"] = [(E.ExpectColumnValuesToBeBetween(column="n_interactions", max_value=cfg.max_user_interactions),
+                            "sequence length at most max_user_interactions", True)]
     if cfg.min_text_share > 0:
         suites["items"].append((E.ExpectColumnValuesToBeInSet(column="has_text", value_set=[True], mostly=cfg.min_text_share),
                                 "share of items with text", False))
@@ -321,6 +356,10 @@ def catalog_stats(catalog: Catalog, tables: dict[str, pl.DataFrame] | None = Non
         has_image = tables["items"]["image_ok"]
     else:
         has_image = items["image"].is_not_null()
+    failures = {}
+    if tables is not None:
+        counts = dict(tables["items"].group_by("image_status").len().iter_rows())
+        failures = {k: int(counts[k]) for k in FAILURES if counts.get(k)}
     n = max(items.height, 1)
     lens = catalog.interactions.group_by("user_id").len()["len"]
     both = (has_text & has_image).sum()
@@ -338,6 +377,7 @@ def catalog_stats(catalog: Catalog, tables: dict[str, pl.DataFrame] | None = Non
         "seq_len_mean": float(lens.mean()) if lens.len() else 0.0,
         "seq_len_median": float(lens.median()) if lens.len() else 0.0,
         "seq_len_max": int(lens.max()) if lens.len() else 0,
+        **({"image_failures": failures} if tables is not None else {}),
     }
 
 
@@ -369,7 +409,8 @@ def _quarantine(catalog: Catalog, tables: dict[str, pl.DataFrame], outcomes: lis
             later = dups.filter(~pl.col("item_id").is_first_distinct())["_rid"].to_list()
             item_reason.update({r: reason for r in later if r not in item_reason})
         elif o.table == "items" and o.column == "image_status":
-            drop_image.update({r: reason for r in o.row_ids})
+            status = items["image_status"]
+            drop_image.update({r: f"items: image {status[r]}" for r in o.row_ids})
         elif o.table == "items":
             item_reason.update({r: reason for r in o.row_ids if r not in item_reason})
         elif o.table == "interactions":
@@ -399,12 +440,7 @@ def _quarantine(catalog: Catalog, tables: dict[str, pl.DataFrame], outcomes: lis
         pl.when(pl.col("reason").is_null()).then(_reason_of("user_id", bad_users))
         .otherwise(pl.col("reason")).alias("reason")
     )
-    counts = inter.filter(pl.col("reason").is_null()).group_by("user_id").len()
-    short = counts.filter(pl.col("len") < cfg.min_user_interactions)["user_id"].implode()
-    inter = inter.with_columns(
-        pl.when(pl.col("reason").is_null() & pl.col("user_id").is_in(short))
-        .then(pl.lit("users: too short after quarantine")).otherwise(pl.col("reason")).alias("reason")
-    )
+    # users left short are preprocessing's to drop (min_seq_len, the one length rule) and counted there
     clean = Catalog(
         catalog.domain,
         keep_items.select(catalog.items.columns),
@@ -442,7 +478,8 @@ def validate(catalog: Catalog, cfg: ValidationConfig, progress: bool = False):
     report2 = ValidationReport(
         catalog.domain, cfg.on_error, all(o.success for o in outcomes2), outcomes2, catalog_stats(clean, tables2), files,
         quarantined={k: v.height for k, v in side.items()},
-        quarantine_reasons={r: n for r, n in reasons.sort("reason").iter_rows()},
+        quarantine_reasons={r: n for r, n in reasons.sort(["len", "reason"], descending=[True, False]).iter_rows()},
         first_pass=outcomes,
     )
+    log.warning(report2.quarantine_summary())
     return clean, report2, side

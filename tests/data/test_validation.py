@@ -7,7 +7,7 @@ import pytest
 
 from mmrec.config import ValidationConfig
 from mmrec.data.importers import import_domain
-from mmrec.data.validation import ValidationError, derive_tables, validate
+from mmrec.data.validation import derive_tables, validate
 from tests.conftest import SHARED, edit_csv
 
 
@@ -48,8 +48,6 @@ CASES = {
                          "timestamp present", "interactions.csv rows 6"),
     "negative-timestamp": (lambda d: edit_csv(d / "interactions.csv", _set_item(2, 2, "-5")),
                            "timestamp >= 0", "interactions.csv rows 3"),
-    "user-with-one-interaction": (lambda d: edit_csv(d / "interactions.csv", lambda r: r + [["lonely", "i1", "7"]]),
-                                  "sequence length within bounds", "interactions.csv rows 32"),
 }
 
 
@@ -83,26 +81,58 @@ def test_modality_share_threshold_is_per_domain(tabular_dir):
     assert "required >= 90.0%" in report.summary()
 
 
-def test_quarantine_moves_bad_rows_and_continues(tabular_dir):
+def _add_lonely_user(d: Path) -> None:
+    edit_csv(d / "interactions.csv", lambda r: r + [["lonely", "i1", "7"]])
+
+
+def test_quarantine_moves_bad_rows_and_continues(tabular_dir, caplog):
     CASES["duplicate-id"][0](tabular_dir)
     CASES["truncated-image"][0](tabular_dir)
     CASES["unknown-item"][0](tabular_dir)
-    CASES["user-with-one-interaction"][0](tabular_dir)
+    CASES["non-image-file"][0](tabular_dir)  # i4: the duplicated id's first row, which stays
     raw = _catalog(tabular_dir)
-    clean, report, side = validate(raw, ValidationConfig(on_error="quarantine"))
+    with caplog.at_level("WARNING", logger="mmrec.data.validation"):
+        clean, report, side = validate(raw, ValidationConfig(on_error="quarantine"))
     assert report.passed
     assert {o.description for o in report.first_pass if not o.success} == {
-        "item id unique", "image inside the image folder, exists and decodes",
-        "item exists in the catalog", "sequence length within bounds",
+        "item id unique", "image inside the image folder, exists and decodes", "item exists in the catalog",
     }
-    # duplicate id: the later row goes, the first stays; the broken image is dropped, the item stays (it has text)
+    # duplicate id: the later row goes, the first stays; a broken image is dropped, the item stays (it has text)
     assert clean.items.filter(pl.col("item_id") == "i4").height == 1
     assert clean.items.filter(pl.col("item_id") == "i2")["image"].item() is None
-    assert side["items"].height == 2
-    assert side["interactions"].height == 2  # the unknown item and the lonely user
-    assert report.quarantined == {"items": 2, "interactions": 2}
-    assert sum(report.quarantine_reasons.values()) == 4
-    assert clean.interactions.height == raw.interactions.height - 2
+    assert side["items"].height == 3
+    assert side["interactions"].height == 1  # the unknown item
+    assert report.quarantined == {"items": 3, "interactions": 1}
+    # regression: counts per reason, and the image reasons say which failure
+    assert report.quarantine_reasons == {
+        "interactions: item exists in the catalog": 1, "items: image not_an_image": 1,
+        "items: image truncated": 1, "items: item id unique": 1,
+    }
+    assert clean.interactions.height == raw.interactions.height - 1
+    # ... and quarantine says so on stderr (it used to print nothing)
+    (record,) = [r for r in caplog.records if r.name == "mmrec.data.validation"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        "quarantined 3 items rows, 1 interactions rows of domain 'shop'; per reason:"
+        "\n       1  interactions: item exists in the catalog\n       1  items: image not_an_image"
+        "\n       1  items: image truncated\n       1  items: item id unique")
+    assert "- reason `items: image truncated`: 1" in report.to_markdown()
+
+
+def test_short_users_are_preprocessings_to_drop_in_both_modes(tabular_dir):
+    # regression: in fail mode one user below validation's own minimum rejected the whole domain,
+    # while preprocessing dropped users below min_seq_len quietly: now min_seq_len is the one rule
+    _add_lonely_user(tabular_dir)
+    for mode in ("fail", "quarantine"):
+        clean, report, side = validate(_catalog(tabular_dir), ValidationConfig(on_error=mode))
+        assert report.passed and side == {}
+        assert "lonely" in clean.interactions["user_id"].to_list()  # preprocessing drops and counts it
+
+
+def test_max_user_interactions_is_a_failing_row(tabular_dir):
+    _, report, _ = validate(_catalog(tabular_dir), ValidationConfig(max_user_interactions=5))
+    (fail,) = report.failures
+    assert fail.description == "sequence length at most max_user_interactions" and fail.unexpected_count == 5
 
 
 def test_quarantine_cannot_repair_a_share(tabular_dir):
@@ -126,6 +156,25 @@ def test_derive_tables_image_status(tabular_dir):
     assert status["i2"] == "escapes" and status["i5"] == "missing"
 
 
+def test_image_failures_are_reported_by_kind(tabular_dir):
+    # regression: every failure was 'corrupt'; now the report says which, so the source can be fixed
+    CASES["truncated-image"][0](tabular_dir)  # i2
+    CASES["non-image-file"][0](tabular_dir)  # i4
+    _, report, _ = validate(_catalog(tabular_dir), ValidationConfig())
+    assert report.stats["image_failures"] == {"not_an_image": 1, "truncated": 1}
+    md = report.to_markdown()
+    assert "- `truncated` (the image data ends early (a partial download or copy)): 1" in md
+    assert "image_status='truncated'" in report.summary() and "image_status='not_an_image'" in report.summary()
+
+
+def test_pixel_limit_is_configurable(tabular_dir):
+    # the fixture's images are 8 x 8 = 64 pixels
+    _, report, _ = validate(_catalog(tabular_dir), ValidationConfig(max_image_pixels=64))
+    assert report.passed
+    _, report, _ = validate(_catalog(tabular_dir), ValidationConfig(max_image_pixels=63))
+    assert not report.passed and report.stats["image_failures"] == {"too_many_pixels": 8}
+
+
 @pytest.mark.skipif(not (SHARED / "movielens-100k").is_dir(), reason="shared dataset not present")
 def test_real_movielens_validates():
     cat = import_domain("movielens", SHARED / "movielens-100k", "ml")
@@ -133,3 +182,35 @@ def test_real_movielens_validates():
     assert report.passed
     assert report.stats["image_only"] == 0 and report.stats["text_only"] == 62
     assert report.stats["share_image"] == pytest.approx(1620 / 1682)
+
+
+def test_validated_catalog_counts_repeats_and_short_users_in_report_and_stats(tmp_path):
+    # regression: repeated interactions were kept without a word, short users dropped quietly
+    import json
+
+    import yaml
+
+    from mmrec import stages
+    from mmrec.config import load_config
+    from tests.conftest import write_tabular
+
+    d = write_tabular(tmp_path / "raw" / "shop")
+    # u0 re-consumes its last item twice (its valid and test items were equal), u1 repeats an earlier one
+    edit_csv(d / "interactions.csv", lambda r: r + [["u0", r[6][1], "99998"], ["u0", r[6][1], "99999"], ["u1", r[7][1], "99999"]])
+    _add_lonely_user(d)
+    spec = {"root": ".", "artifacts": "art", "preprocess": {"min_seq_len": 3, "max_seq_len": 2},
+            "domains": {"shop": {"source": {"format": "tabular", "path": "raw/shop", "options": {"text": ["title"]}}}}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    cfg = load_config(tmp_path / "p.yaml")
+    stages.raw_catalog(cfg, "shop", progress=False)
+    res = stages.validated_catalog(cfg, "shop", progress=False)
+    assert res.metadata["preprocessing"] == {
+        "repeats": "drop_all", "repeats_dropped": 3, "users_with_repeats_dropped": 2,
+        "min_seq_len": 3, "short_users_dropped": 1, "short_user_interactions_dropped": 1,
+        "keep_last": 5, "older_interactions_cut": 5,
+    }
+    assert json.loads((res.path / "stats.json").read_text())["preprocessing"] == res.metadata["preprocessing"]
+    md = (res.path / "validation.md").read_text()
+    assert "- repeats (`preprocess.repeats: drop_all`): 3 interactions dropped, of 2 users" in md
+    assert "- users with fewer than 3 interactions (`preprocess.min_seq_len`, after repeats): 1 dropped, with 1 interactions" in md
+    assert json.loads((res.path / "validation.json").read_text())["preprocessing"]["repeats_dropped"] == 3
