@@ -14,14 +14,22 @@ expects must be loaded with the right shape, and the checkpoint must provide not
 part's prefixes that the model does not expect: otherwise ``TransferError`` lists the missing,
 unexpected and mis-shaped keys. (The official PMMRec code loaded with ``strict=False`` under a
 mismatched prefix and silently loaded nothing.)
+
+One exception, TransRec's parameter-efficient transfer: pretraining has no adapters and the target
+model adds them. A checkpoint that holds *no* adapter key loads into a model with adapters when the
+adapters' keys are exactly what is missing; the adapters are then (re)initialised as the identity, so
+the loaded model computes what the pretrained one did. Any other missing key, or a checkpoint with
+some adapter keys but not all, still fails.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from mmrec.models.user_encoders import Adapter
 
 PARTS: dict[str, tuple[str, ...]] = {
     "whole": ("item_tower.", "user_encoder."),
@@ -58,6 +66,13 @@ class TransferReport:
     loaded: list[str]
     skipped: list[str]
     """Checkpoint keys outside the part (not loaded by design)."""
+    fresh: list[str] = field(default_factory=list)
+    """Adapter keys the checkpoint did not have: initialised as the identity instead of loaded."""
+
+
+def adapter_modules(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, Adapter]:
+    """The model's adapters under ``prefixes``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter) and f"{name}.".startswith(prefixes)}
 
 
 def load_part(model: nn.Module, state: dict[str, torch.Tensor], part: str) -> TransferReport:
@@ -70,6 +85,11 @@ def load_part(model: nn.Module, state: dict[str, torch.Tensor], part: str) -> Tr
     provided = {k for k in state if k.startswith(prefixes)} if prefixes else set()
     missing = sorted(expected - provided)
     unexpected = sorted(provided - expected)
+    adapters = adapter_modules(model, prefixes) if prefixes else {}
+    adapter_keys = {k for k in expected if k.startswith(tuple(f"{name}." for name in adapters))}
+    fresh: list[str] = []
+    if adapter_keys and not (adapter_keys & provided) and set(missing) == adapter_keys:
+        fresh, missing = missing, []  # adapters added on the target (TransRec): identity below
     mis_shaped = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in expected & provided
@@ -85,6 +105,9 @@ def load_part(model: nn.Module, state: dict[str, torch.Tensor], part: str) -> Tr
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
         raise TransferError("\n".join(lines))
     with torch.no_grad():
-        for k in sorted(expected):
+        for k in sorted(expected - set(fresh)):
             own[k].copy_(state[k])
-    return TransferReport(part, sorted(expected), sorted(set(state) - expected))
+    if fresh:
+        for adapter in adapters.values():
+            adapter.reset_parameters()
+    return TransferReport(part, sorted(expected - set(fresh)), sorted(set(state) - expected), fresh)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmrec.models.recommender import Recommender
+from mmrec.models.recommender import ModelConfig, Recommender
 from mmrec.transfer import PARTS, TransferConfig, TransferError, load_part
 from tests.models.test_recommender import config
 from tests.models.test_towers import N
@@ -67,3 +67,46 @@ def test_part_missing_from_the_model_and_unknown_parts():
         load_part(src, src.state_dict(), "image")
     with pytest.raises(ValueError, match="valid parts"):
         TransferConfig(part="everything")
+
+
+def _user_model(adapter_dim, seed):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_dict({
+        "dim": 16, "max_len": 5, "item_tower": {"name": "id", "dropout": 0.0},
+        "user_encoder": {"name": "transrec", "n_layers": 2, "n_heads": 2, "dropout": 0.0, "adapter_dim": adapter_dim},
+        "objective": {"name": "bce", "nicl_enabled": False, "nid_weight": 0, "rcl_weight": 0},
+    })
+    return Recommender(cfg, n_items=N)
+
+
+def test_adapters_added_on_the_target_start_as_identity():
+    """TransRec pretrains without adapters and adds them for fine-tuning: exactly the adapter keys
+    may be missing, and the loaded model then computes what the pretrained one did."""
+    src, dst = _user_model(None, 0), _user_model(8, 1)
+    with torch.no_grad():  # adapters that are not the identity before loading (e.g. trained elsewhere)
+        for name, p in dst.named_parameters():
+            if "adapter" in name:
+                p.normal_()
+    report = load_part(dst, src.state_dict(), "whole")
+    assert report.fresh and all("adapter" in k for k in report.fresh)
+    assert len(report.fresh) == 2 * 2 * 4  # 2 blocks x 2 adapters x (down, up) x (weight, bias)
+    assert not set(report.fresh) & set(report.loaded)
+    histories = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    src.eval(), dst.eval()
+    torch.testing.assert_close(dst.user_encoder(dst.item_tower.embedding(histories), histories > 0),
+                               src.user_encoder(src.item_tower.embedding(histories), histories > 0))
+    load_part(_user_model(8, 2), src.state_dict(), "user")  # the user part alone, too
+
+
+def test_only_adapter_keys_may_be_missing():
+    src, dst = _user_model(None, 0), _user_model(8, 1)
+    state = dict(src.state_dict())
+    del state["user_encoder.blocks.0.attn_norm.weight"]  # something else missing as well: fails, listing it
+    with pytest.raises(TransferError, match=r"missing \(\d+\): .*user_encoder.blocks.0.attn_norm.weight"):
+        load_part(dst, state, "whole")
+    partial = dict(_user_model(8, 3).state_dict())  # a checkpoint with adapters, one adapter key lost
+    del partial["user_encoder.blocks.1.ffn_adapter.up.weight"]
+    with pytest.raises(TransferError, match=r"missing \(1\): user_encoder.blocks.1.ffn_adapter.up.weight"):
+        load_part(dst, partial, "whole")
+    with pytest.raises(TransferError, match="unexpected"):  # adapters in the checkpoint, none in the model
+        load_part(_user_model(None, 4), _user_model(8, 5).state_dict(), "whole")
