@@ -388,10 +388,11 @@ def test_presets_parse_into_typed_configs(tmp_path, preset):
     assert (model.item_tower.name, model.user_encoder.name) == expected[preset]
     if preset == "pmmrec":
         assert model.dim == 768 and model.text_encoder.trainable_layers == 2 and model.fusion.name == "merge_attention"
-        assert model.objective.nicl.weight == 0.4
+        assert model.objective.nicl.weight == 0.4 and model.image_encoder.token_grid == "all"
     if preset == "transrec":
         assert model.objective.name == "bce" and model.objective.bce_negatives == 5 and model.max_len == 25
-        assert model.user_encoder.ffn_dim == 128 and model.text_encoder.pooling == "attention"
+        assert model.user_encoder.ffn_dim == 128 and model.text_encoder.pooling == "nrms"
+        assert model.objective.bce_positives == 5 and not model.causal and cfg.preprocess.max_seq_len == 29
 
 
 def test_repo_configs_have_valid_model_sections():
