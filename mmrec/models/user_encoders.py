@@ -236,6 +236,9 @@ class TransformerUserEncoder(nn.Module):
     """
 
     causal: ClassVar[bool]
+    """Whether ``h[:, t]`` depends on items ``0..t`` only. Every encoder declares it: a causal one is
+    trained at every position, any other at its last position only (``mmrec.models.recommender``);
+    the tests check each declaration against the encoder's gradients."""
     position_anchor: ClassVar[str]
     activation: ClassVar[str]
 
