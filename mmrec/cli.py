@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, aliases=[name.replace("_", "-")] if "_" in name else [])
         sp.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline YAML (default {DEFAULT_CONFIG})")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("--threads", type=int, help="torch CPU threads (small models run faster on 1; default: torch's)")
+        sp.add_argument("--threads", type=int, help="torch CPU threads (small models run faster on 1; default: "
+                        "compute.threads, else torch's)")
+        sp.add_argument("--device", help="where torch runs: auto, cpu, cuda or cuda:N (default: compute.device)")
         if domains:
             sp.add_argument("--domain", action="append", help="domain to run (repeatable; default: all)")
         if seed:
@@ -108,12 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the weight-loading bar of transformers
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         cfg = load_config(args.config)
+        if args.device is not None:
+            cfg = cfg.with_device(args.device)
+            cfg.device()  # a GPU this machine does not have fails here, before any stage runs
+        threads = args.threads or cfg.compute.threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         if getattr(args, "seed", None) is not None:
             cfg = cfg.with_seed(args.seed)
         if args.command == "demo_data":

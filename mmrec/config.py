@@ -338,6 +338,8 @@ class PipelineConfig:
     artifacts: Path
     """Where stage outputs go: ``<artifacts>/<stage>/<domain>/``."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    """Where torch runs (device, CPU threads)."""
     demo: DemoConfig | None = None
     """Synthetic demo data to generate (``mmrec demo_data``), or None."""
     demo_path: Path | None = None
@@ -387,6 +389,19 @@ class PipelineConfig:
         sections = {**self.sections, **{p: {**(self.sections.get(p) or {}), "seed": seed} for p in phases}}
         return dataclasses.replace(self, sections=sections, artifacts=self.artifacts.with_name(f"{self.artifacts.name}-seed{seed}"))
 
+    def with_device(self, device: str) -> PipelineConfig:
+        """This config with ``compute.device`` set to ``device`` (``mmrec --device``, the Dagster
+        compute resource); an invalid name is a ``ConfigError``."""
+        compute = from_dict(ComputeConfig, {**dataclasses.asdict(self.compute), "device": device}, "--device")
+        return dataclasses.replace(self, compute=compute)
+
+    def device(self):
+        """``compute.device`` as a ``torch.device`` (imports torch; see ``ComputeConfig.torch_device``)."""
+        try:
+            return self.compute.torch_device()
+        except ConfigError as exc:
+            raise ConfigError(f"{self.config_path}: {exc}") from None
+
     @property
     def sources(self) -> list[DomainConfig]:
         return [d for d in self.domains if d.role == "source"]
@@ -430,7 +445,7 @@ class PipelineConfig:
 
 
 MODEL_SECTIONS = ("model", "pretrain", "finetune", "transfer", "features", "evaluation")
-_TOP_KEYS = {"root", "artifacts", "domains", "validation", "preprocess", "demo", "preset", *MODEL_SECTIONS}
+_TOP_KEYS = {"root", "artifacts", "domains", "validation", "preprocess", "compute", "demo", "preset", *MODEL_SECTIONS}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -472,7 +487,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     root = (path.parent / str(raw.get("root", "."))).resolve()
     where = str(path)
 
-    for section in ("validation", "preprocess", "demo", *MODEL_SECTIONS):
+    for section in ("validation", "preprocess", "compute", "demo", *MODEL_SECTIONS):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise ConfigError(f"{where}: {section}: expected a mapping, got {type(raw[section]).__name__} {raw[section]!r}")
     base_validation = dict(raw.get("validation") or {})
@@ -518,6 +533,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
             domains=tuple(domains),
             artifacts=(root / str(raw.get("artifacts", "artifacts"))).resolve(),
             preprocess=from_dict(PreprocessConfig, raw.get("preprocess"), f"{where}: preprocess"),
+            compute=from_dict(ComputeConfig, raw.get("compute"), f"{where}: compute"),
             demo=demo,
             demo_path=demo_path,
             config_path=path,

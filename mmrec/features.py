@@ -29,8 +29,12 @@ def _pad_row(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_item_features(catalog: Catalog, model_cfg, cache_dir: Path | None, text_batch_size: int = 64,
-                        image_batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> tuple[ItemContent, dict[str, Any]]:
-    """Frozen features of ``catalog.items`` (which carry ``item_idx`` 1..N) for ``model_cfg``'s item tower."""
+                        image_batch_size: int = 32, num_workers: int = 0, progress: bool = True,
+                        device: torch.device | str = "cpu") -> tuple[ItemContent, dict[str, Any]]:
+    """Frozen features of ``catalog.items`` (which carry ``item_idx`` 1..N) for ``model_cfg``'s item tower.
+
+    The encoders run on ``device`` (decoded images reach it from pinned memory); the features come
+    back on the CPU as float16, as the cache and the artifact store them."""
     from mmrec.encoders.cache import image_features, text_features
 
     items = catalog.items.sort("item_idx")
@@ -48,7 +52,7 @@ def build_item_features(catalog: Catalog, model_cfg, cache_dir: Path | None, tex
     if "text" in modalities:
         from mmrec.encoders.text import TextEncoder
 
-        enc = TextEncoder(model_cfg.text_encoder)
+        enc = TextEncoder(model_cfg.text_encoder).to(device)
         f = text_features(enc, texts, keys, cache_dir, batch_size=text_batch_size, progress=progress)
         content.text = {k: _pad_row(v) for k, v in f.tensors.items()}
         content.fingerprints["text"] = f.fingerprint
@@ -56,7 +60,7 @@ def build_item_features(catalog: Catalog, model_cfg, cache_dir: Path | None, tex
     if "image" in modalities:
         from mmrec.encoders.image import ImageEncoder
 
-        enc = ImageEncoder(model_cfg.image_encoder)
+        enc = ImageEncoder(model_cfg.image_encoder).to(device)
         f = image_features(enc, refs, keys, catalog.images, cache_dir, batch_size=image_batch_size,
                            num_workers=num_workers, progress=progress)
         content.image = {k: _pad_row(v) for k, v in f.tensors.items()}
@@ -90,14 +94,15 @@ def save_content(content: ItemContent, out: Path, meta: dict[str, Any]) -> Path:
     return out
 
 
-def load_content(path: Path) -> ItemContent:
-    """Read an ``item_features`` artifact back into an ``ItemContent``."""
+def load_content(path: Path, device: torch.device | str = "cpu") -> ItemContent:
+    """Read an ``item_features`` artifact back into an ``ItemContent`` whose tensors are on
+    ``device`` (read straight there, without a CPU copy of the whole catalog)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / FEATURES_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {FEATURES_FILE}; run the item_features stage first")
-    tensors = load_file(path / FEATURES_FILE)
+    tensors = load_file(path / FEATURES_FILE, device=str(device))
     meta = json.loads((path / META_FILE).read_text())
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():

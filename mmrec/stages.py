@@ -176,6 +176,11 @@ def _domain_data(cfg: PipelineConfig, domain: str):
     return content, data
 
 
+def _device_key(device) -> dict[str, str]:
+    """The run-key part of the device: a checkpoint resumes only on its device type (CPU keys as before)."""
+    return {} if device.type == "cpu" else {"device": device.type}
+
+
 def _tracker(out_dir: Path, tracker):
     from mmrec.tracking import JsonlTracker, MultiTracker
 
@@ -191,7 +196,7 @@ def item_features(cfg: PipelineConfig, domain: str, progress: bool = True) -> St
     catalog = Catalog.read(cfg.artifact_path("validated_catalog", d.name) / "catalog")
     fc = cfg.features()
     content, meta = build_item_features(catalog, cfg.model(), cfg.resolve(fc.cache_dir), fc.text_batch_size,
-                                        fc.image_batch_size, fc.num_workers, progress)
+                                        fc.image_batch_size, fc.num_workers, progress, device=cfg.device())
     out = save_content(content, cfg.artifact_path("item_features", d.name), meta)
     return StageResult("item_features", d.name, out, meta)
 
@@ -218,9 +223,12 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
     model_cfg, tc, ec = cfg.model(), dc.replace(cfg.train("pretrain"), progress=progress), cfg.evaluation()
     inputs = [cfg.artifact_path("item_features", s) / "features.safetensors" for s in sources] + [
         cfg.artifact_path("validated_catalog", s) / "splits.parquet" for s in sources]
-    run = _run_dir(cfg, "pretrained_model", None, {"model": model_cfg.to_dict(), "train": dc.asdict(tc) | {"progress": None}}, inputs)
+    device = cfg.device()
+    run = _run_dir(cfg, "pretrained_model", None, {"model": model_cfg.to_dict(), "train": dc.asdict(tc) | {"progress": None},
+                                                   **_device_key(device)}, inputs)
     torch.manual_seed(tc.seed)
-    model = Recommender(model_cfg, n_items=content.n_items).attach(content, data.train_examples(model_cfg.max_len), tc.seed)
+    model = Recommender(model_cfg, n_items=content.n_items).to(device)
+    model.attach(content, data.train_examples(model_cfg.max_len), tc.seed)
     tr = _tracker(run, tracker)
     tr.set_tags({"stage": "pretrained_model", "domains": "+".join(sources)})
     result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
@@ -283,11 +291,12 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
     train_items = pl.read_parquet(inputs[1])["train"].explode().drop_nulls().to_torch()
     popularity = torch.bincount(train_items, minlength=content.n_items + 1)  # serves users with no history
     out = cfg.artifact_path("finetuned_model", d.name)
+    device = cfg.device()
     with atomic_dir(out) as tmp:
         for name, (mcfg, part, overrides) in _variants(cfg).items():
             vtc = dc.replace(tc, **overrides)
             key = {"model": mcfg.to_dict(), "train": dc.asdict(vtc) | {"progress": None}, "part": part,
-                   "adapters": transfer.freeze_user_encoder_except_adapters}
+                   "adapters": transfer.freeze_user_encoder_except_adapters, **_device_key(device)}
             run = _run_dir(cfg, "finetuned_model", d.name, key, inputs + ([pretrained] if part != "none" else []))
             torch.manual_seed(tc.seed)
             model = Recommender(mcfg, n_items=content.n_items)
@@ -297,7 +306,7 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
                 load_part(model, load_file(pretrained), part)
                 if transfer.freeze_user_encoder_except_adapters:
                     model.user_encoder.freeze_for_adapters()
-            model.attach(content, data.train_examples(mcfg.max_len), tc.seed)
+            model.to(device).attach(content, data.train_examples(mcfg.max_len), tc.seed)
             tr = _tracker(run, tracker)
             tr.set_tags({"stage": "finetuned_model", "domain": d.name, "variant": name, "transfer": part})
             result = fit(model, data, vtc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)

@@ -94,3 +94,27 @@ def test_metrics_over_several_seeds_prints_mean_and_std(tmp_path, capsys):
     assert "| finetuned | 30.00 | 10.00 |" in capsys.readouterr().out
     assert cli.main(["metrics", "--config", str(cfg.config_path), "--seed", "0", "--seed", "2"]) == 2  # seed 2 never ran
     assert "seed2" in capsys.readouterr().err
+
+
+def test_device_option_and_compute_threads(tmp_path, capsys):
+    import torch
+
+    cfg = _config(tmp_path)
+    assert cli.main(["raw_catalog", "--config", str(cfg), "-q", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "auto | cpu | cuda | cuda:N" in err and "'gpu'" in err
+    if not torch.cuda.is_available():
+        assert cli.main(["raw_catalog", "--config", str(cfg), "-q", "--device", "cuda:0"]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert cli.main(["raw_catalog", "--config", str(cfg), "-q", "--device", "auto"]) == 0
+
+    spec = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**spec, "compute": {"threads": 2}}))
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["raw_catalog", "--config", str(cfg), "-q"]) == 0
+        assert torch.get_num_threads() == 2
+        assert cli.main(["raw_catalog", "--config", str(cfg), "-q", "--threads", "1"]) == 0  # the option wins
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

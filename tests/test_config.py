@@ -145,7 +145,7 @@ def test_relative_config_path_is_resolved(tmp_path, monkeypatch):
 # -- unknown keys, at every level, name the bad key and list the valid ones
 UNKNOWN = {
     "top": ("domains: [{name: d, source: {format: t, path: p}}]\nvalidaton: {}\n",
-            r"unknown top-level key\(s\) \['validaton'\]; valid keys: \['artifacts', 'demo', 'domains', 'evaluation', "
+            r"unknown top-level key\(s\) \['validaton'\]; valid keys: \['artifacts', 'compute', 'demo', 'domains', 'evaluation', "
             r"'features', 'finetune', 'model', 'preprocess', 'preset', 'pretrain', 'root', 'transfer', 'validation'\]"),
     "top-validation": ("validation: {on_eror: fail}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
                        r"validation: unknown key\(s\) \['on_eror'\]; valid keys: \[.*'on_error'.*\]"),

@@ -244,13 +244,15 @@ class Recommender(nn.Module):
     # -- data ---------------------------------------------------------------------------------
     def attach(self, content: ItemContent, train_seqs: torch.Tensor | None = None, seed: int = 0) -> Recommender:
         """Use ``content`` for item vectors and the item popularity of ``train_seqs`` (any shape,
-        0 = padding) for the debiased softmax."""
-        self.content = content
+        0 = padding) for the debiased softmax. Content, popularity and the generator of negatives
+        and corruption go to the model's device: move the model first (``model.to(device)``)."""
+        device = self.log_pop.device
+        self.content = content.to(device)
         if train_seqs is not None:
-            self.log_pop = item_log_popularity(train_seqs, content.n_items).to(self.log_pop.device)
+            self.log_pop = item_log_popularity(train_seqs, content.n_items).to(device)
         else:
-            self.log_pop = torch.zeros(content.n_items + 1)
-        self.generator = torch.Generator().manual_seed(seed)
+            self.log_pop = torch.zeros(content.n_items + 1, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         return self
 
     def _content(self) -> ItemContent:
@@ -271,13 +273,16 @@ class Recommender(nn.Module):
     def all_item_vectors(self, batch_size: int = 256) -> torch.Tensor:
         """Every catalog item's vector, ``(N+1, d)`` with row 0 = padding (zeros)."""
         n = self._content().n_items
-        out = [self.item_tower(self.content, torch.arange(s, min(s + batch_size, n + 1))) for s in range(0, n + 1, batch_size)]
+        dev = self.log_pop.device
+        out = [self.item_tower(self.content, torch.arange(s, min(s + batch_size, n + 1), device=dev))
+               for s in range(0, n + 1, batch_size)]
         vecs = torch.cat(out)
         vecs[0] = 0
         return vecs
 
     def user_vectors(self, histories: torch.Tensor, item_vecs: torch.Tensor | None = None) -> torch.Tensor:
         """``histories (U, L)`` left- or right-padded item indices -> user vectors ``(U, d)``."""
+        histories = histories.to(self.log_pop.device)
         mask = histories > 0
         x = item_vecs[histories] if item_vecs is not None else self.item_vectors(histories)  # (U, L, d)
         h = self.user_encoder(x, mask)  # (U, L, d)

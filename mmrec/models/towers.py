@@ -85,6 +85,20 @@ class ItemContent:
                 raise ValueError(f"ItemContent.{name} must have shape ({self.n_items + 1},), got {tuple(t.shape)}")
             t[0] = False  # padding has no content
 
+    @property
+    def device(self) -> torch.device:
+        return self.has_text.device
+
+    def to(self, device: torch.device | str) -> ItemContent:
+        """This content with every tensor on ``device`` (itself when already there). The whole
+        catalog moves once, so a training step only gathers rows where the model runs."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        moved = lambda group: None if group is None else {k: v.to(device) for k, v in group.items()}  # noqa: E731
+        return ItemContent(self.n_items, self.has_text.to(device), self.has_image.to(device), moved(self.text),
+                           moved(self.image), dict(self.fingerprints))
+
     def rows(self, modality: str, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         src = getattr(self, modality)
         if src is None:
