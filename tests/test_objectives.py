@@ -531,6 +531,9 @@ def test_objective_config_from_nested_dicts_and_validation():
         ObjectiveConfig(nid_weight=-1)
     with pytest.raises(ValueError, match="bce_negatives"):
         ObjectiveConfig(bce_negatives=0)
+    with pytest.raises(ValueError, match="bce_positives must be >= 1, got 0"):
+        ObjectiveConfig(bce_positives=0)
+    assert ObjectiveConfig().bce_positives == 1  # SASRec's next item unless a preset says otherwise
 
 
 def test_full_softmax_is_cross_entropy_over_every_item():
