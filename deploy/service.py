@@ -96,7 +96,7 @@ class Problem(Exception):
 class ContentItem(BaseModel):
     """An item given by raw content: text and/or an image (base64 of the file's bytes)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     text: str | None = Field(None, description="the item's text (title, description)")
     image_base64: str | None = Field(None, description="the image file's bytes, base64 (PNG, JPEG, WEBP, GIF, BMP)")
 
@@ -106,7 +106,7 @@ class CatalogItem(ContentItem):
 
 
 class UserQuery(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     history: list[str | ContentItem] = Field(
         default_factory=list,
         description="oldest first: catalog item ids and/or items given by content; empty = a new user "
@@ -116,7 +116,7 @@ class UserQuery(BaseModel):
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     users: list[UserQuery] = Field(..., description="one entry per user")
     k: int = Field(10, description="recommendations per user (1..max_k)")
 
@@ -138,7 +138,7 @@ class RecommendResponse(BaseModel):
 
 
 class UpsertRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     items: list[CatalogItem]
 
 
@@ -159,8 +159,9 @@ ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 500, 503)}
 # Middleware: body size
 
 class BodyLimit:
-    """Refuses a request body over ``max_bytes`` with 413 before it is read into memory: by its
-    Content-Length when given, else by counting the streamed chunks."""
+    """Refuses a request body over ``max_bytes`` with 413: by its Content-Length when given, else
+    by counting the chunks as they stream in (the body is read here, at most ``max_bytes`` of it,
+    and handed to the app whole)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -168,29 +169,35 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
         too_large = _problem(413, "body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes (max_body_bytes)")
+        length = dict(scope.get("headers") or []).get(b"content-length")
         try:
             if length is not None and int(length) > self.max_bytes:
                 return await too_large(scope, receive, send)
         except ValueError:
             return await _problem(400, "bad_request", "invalid Content-Length")(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise Problem(413, "body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes (max_body_bytes)")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except Problem as p:  # raised while the body streamed in, before any answer was sent
-            await _problem(p.status, p.code, p.message)(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _problem(status: int, code: str, message: str) -> JSONResponse:
@@ -234,6 +241,15 @@ class Service:
         if self.catalog is None:
             raise Problem(503, "not_ready", self.error or "the model is still loading")
         return self.catalog
+
+    async def wait(self):
+        """The catalog; a request that arrives while this worker is still loading waits for it
+        (within the request deadline) instead of failing."""
+        if self.catalog is None and self.error is None:
+            with anyio.move_on_after(self.settings.timeout_s):
+                while self.catalog is None and self.error is None:
+                    await anyio.sleep(0.05)
+        return self.need()
 
     async def run(self, fn, *args):
         """``fn(*args)`` in a worker thread, within the request deadline. A request past it gets
@@ -312,16 +328,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health", summary="the process is up")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "pid": os.getpid()}
 
     @app.get("/ready", summary="the model is loaded and the catalog readable", responses={503: {"model": ErrorBody}})
     async def ready():
-        catalog = service.need()
+        catalog = service.need()  # no waiting: a probe wants to know now
         return {"status": "ready", "items": catalog.current().n_items, "catalog_version": catalog.version}
 
     @app.get("/version", summary="the served model: registry version, run, data version; catalog version")
     async def version():
-        catalog = service.need()
+        catalog = await service.wait()
         meta = catalog.base.meta
         return {**settings.version, "model_dir": settings.model_dir, "domain": meta.get("domain"),
                 "item_tower": meta.get("model", {}).get("item_tower", {}).get("name"),
@@ -341,7 +357,7 @@ def create_app(settings: Settings) -> FastAPI:
                     raise Problem(422, "invalid_request", f"restrict_to of user {u} is empty (leave it out to allow every item)")
             n_content += sum(not isinstance(h, str) for h in q.history)
         translate(limits.check)(f"{n_content} history items given by content", n_content, "max_items")
-        catalog = service.need()
+        catalog = await service.wait()
 
         def work():
             view = catalog.current()
@@ -372,7 +388,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.put("/items", response_model=CatalogChange, summary="add or update items given by raw content")
     async def upsert(req: UpsertRequest):
         translate(limits.check)(f"{len(req.items)} items", len(req.items), "max_items")
-        catalog = service.need()
+        catalog = await service.wait()
 
         def work():
             items = [_new_item(it, f"item {it.item_id!r}", limits, it.item_id) for it in req.items]
@@ -383,7 +399,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/items/upload", response_model=CatalogChange, summary="add or update one item (multipart form)")
     async def upload(item_id: str = Form(...), text: str | None = Form(None), image: UploadFile | None = File(None)):
-        catalog = service.need()
+        catalog = await service.wait()
         data = None
         if image is not None:
             data = await image.read(limits.max_image_bytes + 1)
@@ -395,7 +411,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.delete("/items/{item_id:path}", response_model=CatalogChange, summary="stop recommending an item")
     async def remove(item_id: str):
-        catalog = service.need()
+        catalog = await service.wait()
 
         def work():
             try:
@@ -407,7 +423,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/items/{item_id:path}", summary="whether an item is in the catalog")
     async def item(item_id: str):
-        catalog = service.need()
+        catalog = await service.wait()
         catalog.refresh()
         state = catalog.state(item_id)
         if state is None:
