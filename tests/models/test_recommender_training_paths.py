@@ -223,3 +223,28 @@ def test_preprocess_history_must_fit_a_training_row(tmp_path):
         load_config(path).model()
     path.write_text(path.read_text().replace("max_seq_len: 5", "max_seq_len: 4"))
     assert load_config(path).model().max_len == 4
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_fit_feeds_rows_of_train_window_items(name, tmp_path):
+    """A bidirectional model's rows hold max_len history items plus the positives, so training
+    histories are as long as the ones it reads at inference."""
+    from mmrec.data.sequences import SequenceData
+    from mmrec.experiment import fit
+    from mmrec.training import TrainConfig
+
+    model = id_model(name, n_items=30, max_len=4, bce_positives=2)
+    g = torch.Generator().manual_seed(0)
+    train = [torch.randint(1, 31, (n,), generator=g).tolist() for n in (9, 3, 6, 2)]
+    data = SequenceData(30, train, torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+    widths, longest_history = [], []
+    loss_fn = model.training_loss
+
+    def spy(batch):
+        widths.append(batch["seq"].shape[1])
+        longest_history.append(int((model.training_layout(batch["seq"])[0] > 0).sum(1).max()))
+        return loss_fn(batch)
+
+    model.training_loss = spy
+    fit(model, data, TrainConfig(epochs=1, batch_size=4, lr=0.01, patience=None, seed=0), tmp_path / "run")
+    assert set(widths) == {model.cfg.train_window} and max(longest_history) == 4
