@@ -18,6 +18,15 @@ from mmrec.models.user_encoders import USER_ENCODERS, build_user_encoder
 ENCODERS = sorted(USER_ENCODERS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded; on a loaded 2-core box OpenMP waits dominate."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def id_model(encoder: str, n_items: int, max_len: int, dim: int = 16, n_layers: int = 1, **objective) -> Recommender:
     cfg = ModelConfig.from_dict({
         "dim": dim, "max_len": max_len,
