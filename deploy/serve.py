@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, default=16, help="faiss lists visited per query")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
                    help="override a request limit (mmrec.serving.Limits), e.g. --limit max_k=50")
-    p.add_argument("--check", action="store_true", help="only check the port and the model, print it and exit")
+    p.add_argument("--check", action="store_true", help="only find the model, print it and exit")
     args = p.parse_args(argv)
     try:
-        check_port(args.host, args.port)
+        if not args.check:
+            check_port(args.host, args.port)
         limits = parse_limits(args.limit) if args.limit else {}  # mmrec.serving imports torch
         if args.model_dir:
             model_dir = Path(args.model_dir).resolve()

@@ -1,11 +1,11 @@
-"""deploy/: the registered model behind a real `mlflow models serve` process, asked over HTTP."""
+"""deploy.serve: finds the registered champion (or a folder), checks the port first, and starts the
+service on it; deploy.recommend asks it over HTTP."""
 
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import polars as pl
 import pytest
@@ -18,6 +18,7 @@ from mmrec.export import export_model, load_model
 from mmrec.models.recommender import Recommender
 from orchestration import mlflow_support as ms
 from tests.conftest import REPO
+from tests.deploy.helpers import Server, free_port
 from tests.models.test_recommender import SEQ, config
 from tests.models.test_towers import N, raw_content
 
@@ -44,12 +45,6 @@ def registry(tmp_path_factory):
                     "shop": {"role": "target", "source": {"format": "tabular", "path": "raw/shop"}}},
     }))
     return {"root": root, "uri": uri, "config": cfg, "version": version, "exported": load_model(model_dir)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_check_finds_the_champion_from_the_pipeline_config(registry, capsys):
@@ -89,43 +84,56 @@ def test_a_target_must_be_chosen_when_there_are_several(tmp_path):
         serve.resolve_target(str(cfg), None, None, None)
 
 
-def test_the_server_answers_like_the_exported_model(registry, capsys):
-    """Starts the real server (`mlflow models serve --env-manager local`, uvicorn) on loopback."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def test_the_service_serves_the_champion_like_the_exported_model(registry, capsys):
+    """The registered version's folder is downloaded into the state folder and served by uvicorn."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env["PATH"] = "/usr/bin:/bin"  # the venv is not activated: deploy.serve must put its scripts on PATH
-    log = registry["root"] / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "deploy.serve", "--config", str(registry["config"]),
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    env["PATH"] = "/usr/bin:/bin"  # the venv is not activated: nothing may rely on its scripts being on PATH
+    server = Server(["--config", str(registry["config"])], registry["root"] / "server.log", env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not up in 180 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+        server.wait_ready()
         histories = [["it1", "it2", "it3"], ["it7"]]
-        got = client.recommend(url, histories, k=4)
+        got = client.recommend(server.url, histories, k=4)
         expected = registry["exported"].recommend(histories, k=4)
         assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in expected]
         assert [[s for _, s in r] for r in got] == [pytest.approx([s for _, s in r], abs=1e-5) for r in expected]
-        with pytest.raises(RuntimeError, match="answered 400: .*unknown item id 'ghost'"):
-            client.recommend(url, [["ghost"]])
-        assert client.main(["--url", url, "--history", "it1", "it2", "--k", "2"]) == 0
+        status, version = server.call("GET", "/version")
+        assert status == 200 and version["name"] == MODEL and version["version"] == registry["version"]
+        assert version["alias"] == "champion" and version["run_id"] and "data_version" in version
+        assert (registry["root"] / "serving" / MODEL / "models" / f"v{registry['version']}" / ".complete").exists()
+        with pytest.raises(RuntimeError, match="answered 422: unknown_item: unknown item id 'ghost'"):
+            client.recommend(server.url, [["ghost"]])
+        assert client.main(["--url", server.url, "--history", "it1", "it2", "--k", "2"]) == 0
         out = capsys.readouterr().out
         assert "user 1: history it1 it2" in out and out.count("\n") == 3
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)  # the server's whole process group: mlflow, uvicorn and its worker
-            proc.wait(timeout=30)
+        server.stop()
+
+
+def test_a_busy_port_fails_before_the_model_is_looked_up(registry, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        # the model does not even exist: the port is checked first, in well under a second
+        rc = serve.main(["--model", "mmrec-ghost", "--tracking-uri", registry["uri"], "--port", str(port)])
+        assert rc == 2 and time.monotonic() - t0 < 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "Traceback" not in err
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
+    assert serve.main(["--model-dir", str(tmp_path), "--port", str(free_port())]) == 2
+    assert "not an exported model folder (no model.json)" in capsys.readouterr().err
+
+
+def test_deploy_serve_runs_without_orchestration(registry):
+    """Starting the service imports the library and MLflow, never orchestration/ (nor Dagster)."""
+    code = ("import sys; from deploy import serve, service; rc = serve.main(['--config', sys.argv[1], '--check']); "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('orchestration', 'dagster')))")
+    out = subprocess.run([sys.executable, "-c", code, str(registry["config"])], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
 
 
 def test_client_reports_a_server_that_is_not_there(capsys):
