@@ -133,6 +133,8 @@ def test_transrec_trains_on_the_next_n_positives_with_sampled_negatives():
     out = model.training_loss({"seq": seq})
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.item_tower.embedding.weight.grad[5:8].abs().sum() > 0
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert dead == []
 
 
 # ----------------------------------------------------------------------------- random sequences
