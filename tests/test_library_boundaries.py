@@ -38,3 +38,22 @@ def test_cli_and_stages_import_without_heavy_frameworks():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _first_party_imports(folder: str) -> dict[str, set[str]]:
+    return {str(p.relative_to(REPO)): _imported_modules(p) & {"mmrec", "orchestration", "deploy"}
+            for p in (REPO / folder).rglob("*.py")}
+
+
+def test_first_party_arrows_point_one_way():
+    """mmrec imports neither layer; deploy/ uses the library (and MLflow), never orchestration/:
+    the served model's code lives in the library or in deploy/."""
+    assert {k: v for k, v in _first_party_imports("mmrec").items() if v - {"mmrec"}} == {}
+    assert {k: v for k, v in _first_party_imports("deploy").items() if "orchestration" in v} == {}
+    assert any("mmrec" in v for v in _first_party_imports("deploy").values())  # the check sees real imports
+
+
+def test_deploy_imports_no_orchestration_framework():
+    offenders = {k: sorted(_imported_modules(REPO / k) & {"dagster", "dvc", "great_expectations"})
+                 for k in _first_party_imports("deploy")}
+    assert {k: v for k, v in offenders.items() if v} == {}
