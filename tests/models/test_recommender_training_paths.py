@@ -13,7 +13,7 @@ from mmrec.models.recommender import (
     per_position_states,
 )
 from mmrec.models.towers import ItemContent
-from mmrec.models.user_encoders import USER_ENCODERS, build_user_encoder
+from mmrec.models.user_encoders import USER_ENCODERS
 
 ENCODERS = sorted(USER_ENCODERS)
 
