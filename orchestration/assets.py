@@ -134,8 +134,7 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
               description=stages.item_features.__doc__)
     def item_features(context: dg.AssetExecutionContext, pipeline: PipelineResource,
                       compute: ComputeResource) -> dg.MaterializeResult:
-        compute.apply()
-        res = stages.item_features(pipeline.load(), context.partition_key, progress=False)
+        res = stages.item_features(compute.apply(pipeline.load()), context.partition_key, progress=False)
         meta = res.metadata
         rows = ["| modality | encoded | from cache | absent |", "| --- | --- | --- | --- |"]
         rows += [f"| {m} | {s['computed']} | {s['hits']} | {s['absent']} |" for m, s in meta["modalities"].items()]
@@ -155,8 +154,7 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
                          mlflow: MlflowResource) -> dg.MaterializeResult:
         from orchestration import mlflow_support as ms
 
-        compute.apply()
-        cfg = pipeline.load()
+        cfg = compute.apply(pipeline.load())
         with mlflow.run(cfg, context, "pretrained_model", "+".join(sources)) as run:
             res = stages.pretrained_model(cfg, progress=False, tracker=run.tracker)
             ms.log_training_plots(run.tracker, Path(res.metadata["run_dir"]))
@@ -179,8 +177,7 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
                         mlflow: MlflowResource) -> dg.MaterializeResult:
         from orchestration import mlflow_support as ms
 
-        compute.apply()
-        cfg = pipeline.load()
+        cfg = compute.apply(pipeline.load())
         with mlflow.run(cfg, context, "finetuned_model", context.partition_key) as run:
             res = stages.finetuned_model(cfg, context.partition_key, progress=False, tracker=VariantTracker(run.tracker))
             for name, info in res.metadata["variants"].items():
@@ -201,8 +198,7 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
                    mlflow: MlflowResource) -> dg.MaterializeResult:
         from orchestration import mlflow_support as ms
 
-        compute.apply()
-        cfg = pipeline.load()
+        cfg = compute.apply(pipeline.load())
         with mlflow.run(cfg, context, "evaluation", context.partition_key) as run:
             res = stages.evaluation(cfg, context.partition_key, progress=False, tracker=run.tracker)
             run.tracker.log_artifact(res.path / stages.METRICS)

@@ -85,23 +85,30 @@ class TrackedRun:
 class ComputeResource(dg.ConfigurableResource):
     """Where and with how many threads torch runs inside a step."""
 
-    device: str = "cpu"
-    """Torch device. The library's stages build their models on the CPU (they take no device
-    argument yet), so only ``cpu`` is accepted; anything else fails loudly instead of silently
-    running on the CPU."""
+    device: Optional[str] = None
+    """Torch device for the stages: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``None``: the pipeline
+    config's ``compute.device`` (the same setting as ``mmrec --device``)."""
     threads: int = 1
     """``torch.set_num_threads``: small models lose from threading on a small machine."""
 
-    def apply(self) -> None:
-        """Apply the settings to this process (call before a stage that runs torch)."""
-        if self.device != "cpu":
-            raise dg.Failure(f"compute device {self.device!r}: the mmrec stages run on the CPU in this version; "
-                             "set ComputeResource.device to 'cpu'")
+    def apply(self, cfg: PipelineConfig) -> PipelineConfig:
+        """Apply the thread count to this process and return ``cfg`` with this resource's device
+        (call before a stage that runs torch). A device name that is invalid, or a GPU this machine
+        does not have, fails the step with the reason."""
+        from mmrec.config import ConfigError
+
         if self.threads < 1:
             raise dg.Failure(f"ComputeResource.threads must be >= 1, got {self.threads}")
+        try:
+            if self.device is not None:
+                cfg = cfg.with_device(self.device)
+            cfg.device()
+        except ConfigError as exc:
+            raise dg.Failure(f"ComputeResource.device {self.device!r}: {exc}") from None
         import torch
 
         torch.set_num_threads(self.threads)
+        return cfg
 
 
 class VariantTracker:
