@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds of work per request before it is answered 503")
     p.add_argument("--faiss-min-items", type=int, default=200_000,
                    help="exported catalogs this large or larger are searched with faiss (IVF), smaller ones exactly")
-    p.add_argument("--nprobe", type=int, default=16, help="faiss lists visited per query")
+    p.add_argument("--nprobe", type=int, default=64, help="faiss lists visited per query")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
                    help="override a request limit (mmrec.serving.Limits), e.g. --limit max_k=50")
     p.add_argument("--check", action="store_true", help="only find the model, print it and exit")

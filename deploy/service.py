@@ -63,7 +63,7 @@ class Settings:
     """Overrides of ``mmrec.serving.Limits`` fields."""
     faiss_min_items: int = 200_000
     """Catalogs with at least this many exported items are searched with faiss (IVF), smaller ones exactly."""
-    nprobe: int = 16
+    nprobe: int = 64
     """faiss lists visited per query."""
     timeout_s: float = 10.0
     """Deadline of one request's work; past it the answer is 503 (the computation is bounded by the limits)."""

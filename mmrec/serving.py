@@ -228,7 +228,7 @@ class FaissModel(ExportedModel):
         return vals, rws
 
 
-def build_faiss_index(vectors: torch.Tensor, nlist: int | None = None, nprobe: int = 16, seed: int = 0):
+def build_faiss_index(vectors: torch.Tensor, nlist: int | None = None, nprobe: int = 64, seed: int = 0):
     """A faiss ``IndexIVFFlat`` (inner product) over ``vectors (n, d)``, ids 0..n-1; ``nlist``
     defaults to ``4 * sqrt(n)`` lists (at most one per 39 vectors, what k-means needs), trained on at
     most 64 points per list."""
@@ -336,7 +336,7 @@ class LiveCatalog:
     """
 
     def __init__(self, exported: ExportedModel, store: CatalogStore | None = None, limits: Limits | None = None,
-                 faiss_min_items: int = 200_000, nprobe: int = 16):
+                 faiss_min_items: int = 200_000, nprobe: int = 64):
         self.base, self.store, self.limits = exported, store, limits or Limits()
         self.key = model_key(exported)
         self.index = None
