@@ -47,10 +47,11 @@ ui: install
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
-# Serve the target model the pipeline registered (<prefix>-<domain>@champion) over HTTP with
-# `mlflow models serve`; ask it with `.venv/bin/python -m deploy.recommend --history <item ids>`
+# The recommendation service (deploy/service.py: FastAPI under uvicorn, WORKERS processes sharing
+# one live catalog) on the target model the pipeline registered (<prefix>-<domain>@champion);
+# ask it with `.venv/bin/python -m deploy.recommend --history <item ids>`; API at /docs
 serve: install
-	$(BIN)/python -m deploy.serve --config $(CONFIG) --port $(PORT)
+	$(BIN)/python -m deploy.serve --config $(CONFIG) --port $(PORT) --workers $(or $(WORKERS),1)
 
 test: install
 	$(BIN)/pytest -q
