@@ -28,7 +28,10 @@ def test_real_datasets_import_validate_and_report(tmp_path, capsys):
     assert (ml["users"], ml["items"], ml["interactions"]) == (943, 1682, 100000)
     assert ml["image_only"] == 0 and ml["text_only"] == 62  # posters for 96.3%; the rest are text items
     assert round(ml["share_image"], 3) == 0.963
-    assert amazon["after_preprocess"] == {"users": 10000, "items": 20091, "interactions": 80720, "dropped_users": 0}
+    # preprocess.repeats: drop_all removes 3377 repeated interactions (of 2353 users); 560 users then
+    # have fewer than min_seq_len = 5 and go (with repeats kept, 411 test targets sat in the history)
+    assert amazon["preprocessing"]["repeats_dropped"] == 3377 and amazon["preprocessing"]["short_users_dropped"] == 560
+    assert amazon["after_preprocess"] == {"users": 9440, "items": 19894, "interactions": 75619, "dropped_users": 560}
     # every MovieLens user has >= 20 ratings: none is dropped, each keeps up to L+3 = 23
     assert ml["after_preprocess"] == {"users": 943, "items": 1412, "interactions": 21522, "dropped_users": 0}
     assert "amazon_instrument" in capsys.readouterr().out
