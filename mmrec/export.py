@@ -107,9 +107,14 @@ class ExportedModel:
         n = len(self.item_ids)
         if self.item_vectors.shape[0] != n + 1:
             raise ValueError(f"item_vectors has {self.item_vectors.shape[0]} rows, expected {n + 1} (items + padding)")
-        self._index = {iid: i + 1 for i, iid in enumerate(self.item_ids)}
-        if len(self._index) != n:
-            raise ValueError(f"item ids are not unique ({n - len(self._index)} repeated)")
+        index = {iid: i + 1 for i, iid in enumerate(self.item_ids)}
+        if len(index) != n:
+            raise ValueError(f"item ids are not unique ({n - len(index)} repeated)")
+        self._finish(index)
+
+    def _finish(self, index: dict[str, int]) -> None:
+        n = len(self.item_ids)
+        self._index = index
         blocked = torch.zeros(n + 1, dtype=torch.bool) if self.blocked is None else self.blocked.clone()
         blocked[0] = True
         self._blocked = blocked
@@ -120,6 +125,26 @@ class ExportedModel:
             m = min(n + 1, self.popularity.shape[0])
             pop[:m] = self.popularity[:m].to(pop.dtype)
             self._pop = pop + self._mask
+
+    def extended(self, added: list[str], vectors: torch.Tensor, blocked: torch.Tensor | None = None,
+                 cls: type | None = None) -> ExportedModel:
+        """A view of the same model with the items ``added`` appended (rows N+1..), every row's
+        vector from ``vectors`` and ``blocked`` rows: the id map is copied, not rebuilt (a live
+        catalog derives one per change)."""
+        cls = cls or type(self)
+        ids = self.item_ids + list(added) if added else self.item_ids
+        if vectors.shape[0] != len(ids) + 1:
+            raise ValueError(f"vectors has {vectors.shape[0]} rows, expected {len(ids) + 1} (items + padding)")
+        index = dict(self._index) if added else self._index
+        for row, iid in enumerate(added, len(self.item_ids) + 1):
+            if iid in index:
+                raise ValueError(f"item id {iid!r} is already in the catalog")
+            index[iid] = row
+        view = cls.__new__(cls)
+        view.model, view.item_ids, view.item_vectors, view.meta = self.model, ids, vectors, self.meta
+        view.popularity, view.blocked = self.popularity, blocked
+        view._finish(index)
+        return view
 
     @property
     def n_items(self) -> int:

@@ -386,23 +386,22 @@ class LiveCatalog:
     def _build(self, ov: Overlay) -> ExportedModel:
         base = self.base
         added = [i for i in ov.items if i not in base._index]
-        ids = base.item_ids + added
         vectors = base.item_vectors
         if ov.items:
             vectors = torch.cat([vectors, torch.stack([ov.vectors[i] for i in added])]) if added else vectors.clone()
             for iid in ov.items:
                 if iid in base._index:  # an update: the row keeps its place, the vector is new
                     vectors[base._index[iid]] = ov.vectors[iid]
-        blocked = torch.zeros(len(ids) + 1, dtype=torch.bool)
-        pos = {iid: n for n, iid in enumerate(ids, 1)} if added else base._index
+        blocked = torch.zeros(vectors.shape[0], dtype=torch.bool)
+        new_rows = {iid: row for row, iid in enumerate(added, base.n_items + 1)}
         for iid in ov.removed:
-            blocked[pos[iid]] = True
-        if self.index is not None:
-            view = FaissModel(base.model, ids, vectors, base.meta, base.popularity, blocked)
-            view.index, view.indexed = self.index, base.n_items
-            view.stale = torch.tensor(sorted(base._index[i] for i in ov.items if i in base._index), dtype=torch.long)
-            return view
-        return ExportedModel(base.model, ids, vectors, base.meta, base.popularity, blocked)
+            blocked[base._index.get(iid) or new_rows[iid]] = True
+        if self.index is None:
+            return base.extended(added, vectors, blocked)
+        view = base.extended(added, vectors, blocked, cls=FaissModel)
+        view.index, view.indexed = self.index, base.n_items
+        view.stale = torch.tensor(sorted(base._index[i] for i in ov.items if i in base._index), dtype=torch.long)
+        return view
 
     def _change(self, apply) -> int:
         if self.store is None:
@@ -435,8 +434,8 @@ class LiveCatalog:
         created: list[str] = []
 
         def apply(ov: Overlay) -> None:
-            view_ids = set(self.base._index) | set(ov.items)
-            created.extend(i for i in ids if i not in view_ids or i in ov.removed)
+            base = self.base._index
+            created.extend(i for i in ids if (i not in base and i not in ov.items) or i in ov.removed)
             for it, v in zip(items, vecs):
                 ov.items[it.item_id] = NewItem(it.item_id, it.text, it.image)
                 ov.vectors[it.item_id] = v.clone()

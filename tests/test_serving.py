@@ -142,3 +142,20 @@ def test_faiss_recall_at_10_and_items_added_later(exported):
     grown = FaissModel(exported.model, view.item_ids + ["new"], torch.cat([vecs, 2 * vecs[best][None]]), {}, None)
     grown.index, grown.indexed = view.index, view.indexed
     assert grown.search(users[:1], 3, [[]])[1][0][0] == 4001
+
+
+def test_a_faiss_catalog_answers_like_the_exact_one_after_changes(exported, tmp_path):
+    """Added, updated and removed items through the faiss path (one list: exhaustive) equal exact."""
+    fast = LiveCatalog(exported, CatalogStore(tmp_path), faiss_min_items=1)
+    exact = LiveCatalog(exported, CatalogStore(tmp_path), faiss_min_items=10**9)
+    assert fast.index is not None and exact.index is None
+    fast.upsert([NewItem("copy", IT1_TEXT), NewItem("it5", "item number 9 with words x x ")])
+    exact.remove(["it2"])
+    histories = [["it1", "it3"], ["copy"], ["it7", "it8", "it9"]]
+    view = fast.current()
+    assert isinstance(view, FaissModel) and view.stale.tolist() == [5]
+    got, want = view.recommend(histories, k=8), exact.current().recommend(histories, k=8)
+    for g, w in zip(got, want):  # near-ties may swap between the two summation orders
+        assert [s for _, s in g] == pytest.approx([s for _, s in w], abs=1e-4)
+        assert dict(g) == pytest.approx(dict(w), abs=1e-4)
+    assert all("it2" not in [i for i, _ in r] for r in got)
