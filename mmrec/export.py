@@ -12,7 +12,10 @@ Layout::
 folder's own config and tokenizer, the image backbone from timm's code), loads the weights
 strictly, and recommends for histories of item ids using the stored item vectors. A user with an
 empty history (nobody to encode) gets the catalog's most popular training items when the folder
-holds ``train_count``, scored by that count.
+holds ``train_count``, scored by that count; ``ExportedModel.rank`` says so in each answer's
+``source`` ("model" or "popularity"). Everything a request needs besides the scores (id map,
+masks, popularity row) is built once when the folder is loaded; ``mmrec.serving`` adds limits,
+items given by content, a live catalog and faiss retrieval on top.
 """
 
 from __future__ import annotations
