@@ -236,10 +236,12 @@ def strict_cuda():
 def test_cuda_resume_is_exact_and_draws_on_the_gpu(tmp_path, strict_cuda):
     model, _ = train_tiny("cuda", tmp_path / "one", max_steps=2)
     assert model.generator.device.type == "cuda" and model.content.has_text.device.type == "cuda"
-    from mmrec.objectives import sample_negatives
+    from mmrec.objectives import CorruptionConfig, corrupt_sequences, sample_negatives
 
-    neg = sample_negatives(N_ITEMS, (4, 3), model.generator, exclude=sequences(4).cuda())
-    assert neg.device.type == "cuda"
+    seqs = sequences(4).cuda()
+    neg = sample_negatives(N_ITEMS, (4, 3), model.generator, exclude=seqs)
+    noisy, noise = corrupt_sequences(seqs[:, :-1], CorruptionConfig(), N_ITEMS, generator=model.generator, exclude=seqs)
+    assert neg.device.type == noisy.device.type == noise.device.type == "cuda"
     assert_resume_is_exact("cuda", tmp_path)
 
 
