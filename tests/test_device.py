@@ -224,11 +224,14 @@ def strict_cuda():
     """fp32 matmuls and convolutions without TF32, deterministic kernels; restored afterwards."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    threads = torch.get_num_threads()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(min(16, os.cpu_count() or 1))  # the CPU reference runs: the GPU check has 8 minutes
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
     torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.gpu
@@ -258,7 +261,8 @@ NO_RANDOM_DRAWS = {"item_tower": {"dropout": 0.0}, "user_encoder": {"dropout": 0
                    "objective": {"nid_weight": 0.0, "rcl_weight": 0.0}}
 
 
-def pipeline_spec(root: Path, device: str, model: dict, train: dict, domains: dict[str, str], baselines: list[str]) -> dict:
+def pipeline_spec(root: Path, device: str, model: dict, train: dict, domains: dict[str, str], baselines: list[str],
+                  **demo_sizes) -> dict:
     """The demo pipeline (``configs/demo.yaml``'s data, validation and preprocessing, the cpu
     preset's model with ``model`` on top) over ``domains`` (name -> role) on ``device``."""
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -268,7 +272,7 @@ def pipeline_spec(root: Path, device: str, model: dict, train: dict, domains: di
         "root": str(root),
         "artifacts": "artifacts",
         "compute": {"device": device},
-        "demo": {**demo["demo"], "domains": list(domains)},
+        "demo": {**demo["demo"], "domains": list(domains), **demo_sizes},
         "validation": demo["validation"],
         "preprocess": demo["preprocess"],
         "domains": {d: {"role": role, "source": {**source, "path": f"data/demo/{d}"}} for d, role in domains.items()},
@@ -362,7 +366,8 @@ def compare_packaged_finetune(tmp_path: Path, device: str, text_layers: int, ima
              "batch_size": 32, "log_every": 2}
     results = {}
     for name, dev in (("cpu", "cpu"), ("other", device)):
-        spec = pipeline_spec(tmp_path / name, dev, packaged(text_layers, image_blocks), train, {"films": "target"}, [])
+        spec = pipeline_spec(tmp_path / name, dev, packaged(text_layers, image_blocks), train, {"films": "target"}, [],
+                             n_users=120, n_items=80)
         _, out = run_pipeline(tmp_path / name, spec, until="finetuned_model")
         results[name] = out[("finetuned_model", "films")].metadata["variants"]["model"]
         assert set(out[("item_features", "films")].metadata["modalities"]) == {"text", "image"}
