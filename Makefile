@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PORT ?= 5001
 
-.PHONY: install demo repro ui mlflow-ui serve test test-slow bench clean
+.PHONY: install demo repro ui mlflow-ui serve test test-slow bench compare clean
 
 install: $(STAMP)
 
@@ -62,6 +62,20 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_catalog.py
+
+# RecBole 1.2.1's SASRec on exactly the target domains' splits, next to mmrec's models with paired
+# intervals over users (run the pipeline for the same seeds first). RecBole needs torch 2.13 and
+# numpy < 2, so it gets its own environment; ray imports pkg_resources, hence setuptools < 70.
+# SEEDS="0 1 2" picks the seeds (default: the config's fine-tuning seed).
+RECBOLE_VENV := .venv-recbole
+$(RECBOLE_VENV)/.installed:
+	test -x $(RECBOLE_VENV)/bin/python || $(PYTHON) -m venv $(RECBOLE_VENV)
+	$(RECBOLE_VENV)/bin/python -m pip install -q torch==2.13.0 recbole==1.2.1 "numpy<2" "pandas<2.3" "scipy<1.14"
+	$(RECBOLE_VENV)/bin/python -m pip install -q --no-deps "setuptools<70"
+	touch $@
+
+compare: install $(RECBOLE_VENV)/.installed
+	$(BIN)/mmrec compare --config $(CONFIG) $(foreach s,$(SEEDS),--seed $(s))
 
 clean:
 	rm -rf artifacts bench_out .dvcstore .dagster_home mlflow

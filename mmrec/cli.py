@@ -65,6 +65,49 @@ def _run_stage(cfg, stage: str, names: list[str] | None, quiet: bool) -> int:
     return 0
 
 
+def _compare(cfg, args) -> int:
+    """``mmrec compare``: RecBole SASRec per seed, then one table per target domain."""
+    from mmrec import recbole
+    from mmrec.compare import paired_gaps
+
+    # no --seed: the config as it is (its own artifacts folder), as `mmrec run` without --seed
+    cfgs = {s: cfg.with_seed(s) for s in args.seeds} if args.seeds else {cfg.train("finetune").seed: cfg}
+    seeds = list(cfgs)
+    kw = {"threads": args.threads or 1, "quiet": args.quiet}
+    if args.recbole_python:
+        kw["python"] = args.recbole_python
+    for name in stages.stage_domains(cfg, "evaluation", args.domain):
+        runs = {}
+        for seed in seeds:
+            t0 = time.perf_counter()
+            runs[seed] = recbole.run(cfgs[seed], name, **kw)
+            print(f"{name} seed {seed}: RecBole SASRec ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        m = "NDCG@10"
+        print(f"## {name}: RecBole 1.2.1 SASRec on mmrec's split, seeds {seeds}")
+        print("| seed | epochs | s/epoch | valid NDCG@10 (mmrec protocol) | test HR@10 | test NDCG@10 | "
+              "test NDCG@10 (RecBole's own protocol) |")
+        print("|---|---|---|---|---|---|---|")
+        for seed, r in runs.items():
+            rb = r["recbole"]
+            print(f"| {seed} | {rb['epochs_trained']} | {rb['seconds_per_epoch']:.2f} | {100 * r['valid'][m]:.2f} | "
+                  f"{100 * r['test']['HR@10']:.2f} | {100 * r['test'][m]:.2f} | {100 * rb['test_recbole_protocol']['ndcg@10']:.2f} |")
+        try:
+            ours = {seed: stages.read_ranks(cfgs[seed], name) for seed in seeds}
+        except FileNotFoundError as exc:
+            print(f"(no paired comparison: {exc})\n")
+            continue
+        theirs = {seed: recbole.read_ranks(cfgs[seed], name) for seed in seeds}
+        ranks = {n: [ours[s][n] for s in seeds] for n in ours[seeds[0]]}
+        ranks[recbole.NAME] = [theirs[s][recbole.NAME] for s in seeds]
+        print(f"\nPaired over {len(ranks[recbole.NAME][0])} test users ({cfg.evaluation().history} history), 95 % "
+              "bootstrap interval, seeds averaged per user:")
+        for ref in [n for n in ranks if n != recbole.NAME]:
+            g = paired_gaps({ref: ranks[ref], recbole.NAME: ranks[recbole.NAME]}, ref, m)[0]
+            print(f"- {g.line()}")
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrec", description="ID-free transferable multimodal recommendation pipeline.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = add("metrics", "Print the test metrics tables recorded by evaluation (target domains); with several "
             "--seed, the mean and standard deviation over those runs.", seed=False)
     m.add_argument("--seed", dest="seeds", type=int, action="append", help=seed_help + "; repeat to aggregate runs")
+    c = add("compare", "Train RecBole's SASRec on exactly each target domain's split (its own venv, "
+            "`make compare` builds it), rank it with mmrec's protocol and print it next to mmrec's models with paired "
+            "intervals over users (after `evaluation` for the same seeds).", seed=False)
+    c.add_argument("--seed", dest="seeds", type=int, action="append", help=seed_help + "; repeatable")
+    c.add_argument("--recbole-python", help="python of RecBole's environment (default .venv-recbole/bin/python)")
     return p
 
 
@@ -137,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = [cfg.domain(n).name for n in args.domain] if args.domain else [d.name for d in cfg.domains]
             print(_stats_table([(n, stages.read_stats(cfg, n)) for n in names]))
             return 0
+        if args.command == "compare":
+            return _compare(cfg, args)
         if args.command == "metrics" and args.seeds and len(args.seeds) > 1:
             for name in stages.stage_domains(cfg, "evaluation", args.domain):
                 runs = {seed: stages.read_metrics(cfg.with_seed(seed), name) for seed in args.seeds}
@@ -161,5 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_stage(cfg, stage, getattr(args, "domain", None), args.quiet)
         return 0
     except (ConfigError, CatalogError, ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"mmrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from mmrec.recbole import RecBoleError
+
+        if not isinstance(exc, RecBoleError):
+            raise
         print(f"mmrec {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import yaml
 from mmrec import cli, stages
 from tests.conftest import REPO
 
-NOT_STAGES = {"demo_data", "run", "stats", "metrics"}
+NOT_STAGES = {"demo_data", "run", "stats", "metrics", "compare"}
 """CLI commands that are not pipeline stages."""
 
 
