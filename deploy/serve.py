@@ -12,7 +12,10 @@ is an error that says how to make one) and its version, run and tags are printed
 model's exported folder is downloaded once into ``<state-dir>/models/v<version>``; then uvicorn
 starts ``--workers`` processes, each loading the folder (``mmrec.export.load_model``) and serving
 the live catalog kept in ``--state-dir`` (default ``<root>/serving/<model>``, or
-``<model-dir>.serving``), which survives restarts and is shared by the workers.
+``<model-dir>.serving``), which survives restarts and is shared by the workers. Serving from the
+registry, every worker asks it where the alias points every ``--reload-interval`` seconds and
+swaps in a new version without a restart (``deploy.service``): ``python -m deploy.rollback``
+and a promotion by the pipeline reach a running service that way.
 
 Nothing here imports Dagster or torch (``--check`` stops after printing the model).
 """
@@ -26,6 +29,8 @@ import socket
 import sys
 from pathlib import Path
 
+from deploy.registry import RegistryError, describe, fetch_model
+
 DEFAULT_ALIAS = "champion"
 DEFAULT_PREFIX = "mmrec"
 DEFAULT_PORT = 5001
@@ -36,6 +41,9 @@ CONFIG_ENV = "MMREC_CONFIG"
 
 class ServeError(RuntimeError):
     """The service cannot start: the message says why and what to do."""
+
+
+__all__ = ["RegistryError", "ServeError", "config_path", "describe", "fetch_model", "main", "resolve_target"]
 
 
 def config_path(path: str | None = None) -> Path:
@@ -73,54 +81,6 @@ def resolve_target(config: str | None, domain: str | None, model: str | None, tr
         raise ServeError(f"{domain!r} is a {cfg.domain(domain).role} domain of {cfg.config_path}; "
                          f"models are fine-tuned and registered for the targets {targets}")
     return uri, f"{prefix}-{domain}", Path(cfg.root)
-
-
-def describe(tracking_uri: str, model: str, alias: str) -> dict:
-    """The registered version behind ``model@alias``: version, run id, source, tags, data version."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(model, alias)
-    except MlflowException as exc:
-        try:
-            versions = [m.version for m in client.search_model_versions(f"name='{model}'")]
-        except MlflowException:
-            versions = []
-        listed = ", ".join(str(v) for v in sorted(versions, key=int))
-        what = f"versions {listed} exist but none has the alias {alias!r}" if versions else "no such registered model"
-        raise ServeError(
-            f"cannot serve models:/{model}@{alias} from {tracking_uri}: {what} ({exc.error_code}). "
-            "Run the pipeline first (`make demo`, or materialise served_model in the Dagster UI); the "
-            "alias is set only when the quality gate passes."
-        ) from exc
-    run_tags = {}
-    try:
-        run_tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
-    except MlflowException:
-        pass
-    return {"name": model, "alias": alias, "version": str(mv.version), "run_id": mv.run_id,
-            "source": mv.source, "tags": dict(mv.tags), "git_commit": run_tags.get("git_commit"),
-            "data_version": run_tags.get("dvc_data_md5")}
-
-
-def fetch_model(tracking_uri: str, info: dict, dest: Path) -> Path:
-    """The exported model folder of registered version ``info``, downloaded once into ``dest``."""
-    done = dest / ".complete"
-    if not done.exists():
-        import mlflow
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        uri = client.get_model_version_download_uri(info["name"], info["version"])
-        dest.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri)
-        done.touch()
-    found = sorted(p.parent for p in dest.rglob("model.json"))
-    if not found:
-        raise ServeError(f"models:/{info['name']}/{info['version']} holds no exported model folder (no model.json)")
-    return found[0]
 
 
 def check_port(host: str, port: int) -> None:
@@ -169,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, default=64, help="faiss lists visited per query")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
                    help="override a request limit (mmrec.serving.Limits), e.g. --limit max_k=50")
+    p.add_argument("--reload-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="how often each worker asks the registry where the alias points; a new version is "
+                        "downloaded, loaded and swapped in while the old one keeps answering (0: never; "
+                        "registry models only)")
     p.add_argument("--check", action="store_true", help="only find the model, print it and exit")
     args = p.parse_args(argv)
     try:
+        if args.reload_interval < 0:
+            raise ServeError(f"--reload-interval must be >= 0 seconds, got {args.reload_interval:g}")
         if not args.check:
             check_port(args.host, args.port)
         limits = parse_limits(args.limit) if args.limit else {}  # mmrec.serving imports torch
@@ -180,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (model_dir / "model.json").is_file():
                 raise ServeError(f"{model_dir}: not an exported model folder (no model.json)")
             info = {"name": None, "alias": None, "version": None, "run_id": None, "data_version": None}
+            watch = None
             state = Path(args.state_dir or f"{model_dir}.serving")
             print(f"model folder {model_dir}", flush=True)
         else:
@@ -192,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.check:
                 return 0
             model_dir = fetch_model(uri, info, state / "models" / f"v{info['version']}")
-    except (ServeError, ValueError) as exc:
+            watch = {"tracking_uri": uri, "name": model, "alias": args.alias, "interval_s": args.reload_interval,
+                     "models_dir": str((state / "models").resolve())} if args.reload_interval > 0 else None
+    except (ServeError, RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         return 0
     settings = {"model_dir": str(model_dir), "state_dir": str(state.resolve()), "limits": limits,
                 "faiss_min_items": args.faiss_min_items, "nprobe": args.nprobe, "timeout_s": args.timeout,
-                "threads": args.threads,
+                "threads": args.threads, "watch": watch,
                 "version": {k: info.get(k) for k in ("name", "alias", "version", "run_id", "data_version", "git_commit")}}
     os.environ["MMREC_SERVE_SETTINGS"] = json.dumps(settings)
     print(f"serving on http://{args.host}:{args.port} ({args.workers} worker(s); /docs, /health, /ready, /version, "

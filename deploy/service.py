@@ -6,6 +6,15 @@ several worker processes). Each worker loads the model folder in a background th
 catalog kept in ``state_dir`` (see ``mmrec.serving.LiveCatalog``: every worker checks the catalog
 file's stamp before each request and reloads it when another worker changed it).
 
+A new champion without downtime: with ``Settings.watch`` (``deploy.serve`` sets it when serving
+from the registry), each worker asks the registry every ``interval_s`` seconds which version the
+alias points at; when it changed (a promotion, ``python -m deploy.rollback``), the worker downloads
+that version once (shared by the workers, under a file lock), loads it and its live catalog in a
+background thread while the old model keeps answering, then swaps the two in one assignment:
+a request already running finishes on the model it started with, the next one gets the new one,
+and ``/version`` reports it. A version that fails to load is logged and skipped; the old model
+stays.
+
 Endpoints (``/docs`` and ``/openapi.json`` describe them):
 
 ``GET /health``            the process is up
@@ -34,6 +43,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -73,6 +83,8 @@ class Settings:
     """Requests computed at once per worker; more wait (within their deadline)."""
     version: dict[str, Any] = field(default_factory=dict)
     """What ``/version`` reports about the model (registry name, version, run, data version)."""
+    watch: dict[str, Any] | None = None
+    """Reload on alias change: ``{"tracking_uri", "name", "alias", "interval_s", "models_dir"}`` (None: never)."""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -207,35 +219,84 @@ def _problem(status: int, code: str, message: str) -> JSONResponse:
 # ------------------------------------------------------------------------------------------------
 # The app
 
+@dataclass(frozen=True)
+class Served:
+    """What one worker serves: swapped as a whole when a new version is loaded."""
+
+    catalog: Any
+    """The ``mmrec.serving.LiveCatalog`` of the model."""
+    model_dir: str
+    version: dict[str, Any]
+    loaded_at: float
+
+
 class Service:
     """The loaded model and catalog of one worker."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.limits = Limits(**settings.limits)
-        self.catalog = None
+        self.served: Served | None = None
         self.error: str | None = None
-        self.loaded_at: float | None = None
+        self.reload_error: str | None = None
         self.limiter = anyio.CapacityLimiter(settings.max_inflight)
+        self.stopped = threading.Event()
+
+    @property
+    def catalog(self):
+        served = self.served
+        return None if served is None else served.catalog
+
+    def _open(self, model_dir: str, version: dict[str, Any]) -> Served:
+        import torch
+
+        from mmrec.export import load_model
+        from mmrec.serving import CatalogStore, LiveCatalog
+
+        torch.set_num_threads(max(1, self.settings.threads))
+        t0 = time.perf_counter()
+        exported = load_model(model_dir)
+        catalog = LiveCatalog(exported, CatalogStore(self.settings.state_dir), self.limits,
+                              faiss_min_items=self.settings.faiss_min_items, nprobe=self.settings.nprobe)
+        log.info("model %s (version %s) loaded in %.1f s (%d items, catalog version %d)", model_dir,
+                 version.get("version"), time.perf_counter() - t0, exported.n_items, catalog.version)
+        return Served(catalog, model_dir, dict(version), time.time())
 
     def load(self) -> None:
         try:
-            import torch
-
-            from mmrec.export import load_model
-            from mmrec.serving import CatalogStore, LiveCatalog
-
-            torch.set_num_threads(max(1, self.settings.threads))
-            t0 = time.perf_counter()
-            exported = load_model(self.settings.model_dir)
-            self.catalog = LiveCatalog(exported, CatalogStore(self.settings.state_dir), self.limits,
-                                       faiss_min_items=self.settings.faiss_min_items, nprobe=self.settings.nprobe)
-            self.loaded_at = time.time()
-            log.info("model %s loaded in %.1f s (%d items, catalog version %d)", self.settings.model_dir,
-                     time.perf_counter() - t0, exported.n_items, self.catalog.version)
+            self.served = self._open(self.settings.model_dir, self.settings.version)
         except Exception as exc:  # reported by /ready; the trace stays in the log
             log.exception("loading the model failed")
             self.error = f"loading the model failed: {type(exc).__name__}"
+            return
+        if self.settings.watch:
+            threading.Thread(target=self.watch, name="watch-registry", daemon=True).start()
+
+    def watch(self) -> None:
+        """Every ``interval_s``: where does the alias point? A new version is loaded here, in
+        the background, and swapped in (see the module docstring)."""
+        from deploy.registry import MlflowRegistry, fetch_model
+
+        w = self.settings.watch
+        registry, failed = None, None
+        while not self.stopped.wait(float(w["interval_s"])):
+            version = None
+            try:
+                registry = registry or MlflowRegistry(w["tracking_uri"])
+                info = registry.describe(w["name"], w["alias"])
+                version = info["version"]
+                if version == self.served.version.get("version") or version == failed:
+                    continue
+                log.info("models:/%s@%s moved to version %s: loading it", w["name"], w["alias"], version)
+                model_dir = fetch_model(w["tracking_uri"], info, Path(w["models_dir"]) / f"v{version}")
+                keep = ("name", "alias", "version", "run_id", "data_version", "git_commit")
+                self.served = self._open(str(model_dir), {k: info.get(k) for k in keep})  # the swap
+                self.reload_error = None
+            except Exception as exc:  # the old model keeps serving
+                failed = version
+                self.reload_error = f"version {version}: {type(exc).__name__}" if version else type(exc).__name__
+                log.exception("reloading models:/%s@%s failed; still serving version %s", w["name"], w["alias"],
+                              self.served.version.get("version"))
 
     def need(self):
         if self.catalog is None:
@@ -282,6 +343,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app):
         threading.Thread(target=service.load, name="load-model", daemon=True).start()
         yield
+        service.stopped.set()
 
     app = FastAPI(title="mmrec recommendation service", version="1",
                   description=__doc__.split("\n\n")[0], lifespan=lifespan, responses=ERRORS)
@@ -337,9 +399,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/version", summary="the served model: registry version, run, data version; catalog version")
     async def version():
-        catalog = await service.wait()
-        meta = catalog.base.meta
-        return {**settings.version, "model_dir": settings.model_dir, "domain": meta.get("domain"),
+        await service.wait()
+        served = service.served
+        catalog, meta = served.catalog, served.catalog.base.meta
+        return {**served.version, "model_dir": served.model_dir, "domain": meta.get("domain"),
+                "loaded_at": served.loaded_at, "reload_error": service.reload_error,
                 "item_tower": meta.get("model", {}).get("item_tower", {}).get("name"),
                 "exported_items": catalog.base.n_items, "catalog_version": catalog.version,
                 "retrieval": "faiss-ivf" if catalog.index is not None else "exact"}

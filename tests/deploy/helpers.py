@@ -27,9 +27,9 @@ IT1_TEXT = "item number 1 with words x "
 """The text of catalog item it1 (text-only in ``raw_content``): an item with this text gets it1's vector."""
 
 
-def tiny_export(out: Path, popularity: bool = True) -> Path:
+def tiny_export(out: Path, popularity: bool = True, seed: int = 0) -> Path:
     """A tiny fused model (random-init text and image encoders) exported as a model folder."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Recommender(config("fused"), n_items=N).attach(raw_content(), SEQ).eval()
     item_map = pl.DataFrame({"item_idx": list(range(1, N + 1)), "item_id": IDS})
     counts = None

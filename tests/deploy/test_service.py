@@ -18,6 +18,7 @@ from PIL import Image
 from deploy.service import Problem, Service, Settings
 from mmrec.export import load_model
 from tests.deploy.helpers import IDS, IT1_TEXT, Server, tiny_export
+from tests.models.test_towers import N
 
 LIMITS = {"max_body_bytes": 200_000, "max_image_bytes": 50_000, "max_image_pixels": 250_000, "max_history": 50,
           "max_k": 20, "max_users": 8, "max_items": 4, "max_allowed": 10}
@@ -250,3 +251,78 @@ def test_catalog_changes_survive_a_restart(setup):
         assert again.call("GET", "/version")[1]["catalog_version"] == 3
     finally:
         again.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# A new champion without downtime
+
+
+def test_a_new_champion_and_a_rollback_are_served_without_a_restart_or_a_failed_request(tmp_path):
+    """Two workers serving ``mmrec-shop@champion`` from the registry with a 0.5 s reload interval:
+    a promotion (``mmrec.promotion.record``) and ``python -m deploy.rollback`` reach both workers
+    while a client keeps asking; every request of that client is answered 200, and the answers
+    are the offline ones of the version ``/version`` names."""
+    import threading
+
+    import yaml
+
+    from deploy import rollback
+    from deploy.registry import MlflowRegistry
+    from mmrec import promotion
+    from orchestration import mlflow_support as ms
+
+    uri, name = ms.default_tracking_uri(tmp_path), "mmrec-shop"
+    offline = {}
+    for seed in (0, 1):
+        folder = tiny_export(tmp_path / f"model{seed}", seed=seed)
+        with ms.mlflow_run(uri, "shop", "finetune", {"stage": "served_model"}) as tracker:
+            version = ms.register_model(uri, folder, name, tracker.run_id, {"gate": "passed"})
+        offline[version] = load_model(folder)
+    registry = MlflowRegistry(uri)
+    promotion.record(registry, name, "1", promotion.Comparison("NDCG@10", {"NDCG@10": 0.1}, None, None, "masked", 3, N))
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(yaml.safe_dump({"root": str(tmp_path), "artifacts": "artifacts", "domains": {
+        "shop": {"role": "target", "source": {"format": "tabular", "path": "raw/shop"}}}}))
+    history = [IDS[0], IDS[3], IDS[6]]
+    expected = {v: m.recommend([history], k=5)[0] for v, m in offline.items()}
+    assert [i for i, _ in expected["1"]] != [i for i, _ in expected["2"]]  # the versions can be told apart
+
+    server = Server(["--config", str(cfg), "--workers", "2", "--reload-interval", "0.5"], tmp_path / "server.log")
+    answers, stop = [], threading.Event()
+
+    def ask():
+        while not stop.is_set():
+            answers.append(server.call("POST", "/recommend", {"users": [{"history": history}], "k": 5}, timeout=30))
+
+    def serving(version: str, timeout: float = 90) -> None:
+        """Wait until 8 answers in a row (new connections: either worker) name ``version``."""
+        deadline, streak = time.monotonic() + timeout, 0
+        while streak < 8:
+            assert time.monotonic() < deadline, f"still not serving version {version}:\n{server.log.read_text()[-3000:]}"
+            status, body = server.call("GET", "/version")
+            streak = streak + 1 if status == 200 and body["version"] == version else 0
+            time.sleep(0.05 if streak else 0.3)
+        status, body = server.call("POST", "/recommend", {"users": [{"history": history}], "k": 5})
+        assert status == 200 and recs(body)[0] == [(i, pytest.approx(s, abs=1e-4)) for i, s in expected[version]]
+
+    client = threading.Thread(target=ask)
+    try:
+        server.wait_ready()
+        client.start()
+        serving("1")
+        d = promotion.record(registry, name, "2", promotion.Comparison(
+            "NDCG@10", {"NDCG@10": 0.2}, {"NDCG@10": 0.1}, "1", "masked", 3, N))
+        assert d.promoted and d.previous == "1"
+        serving("2")
+        assert rollback.main(["--config", str(cfg)]) == 0
+        assert registry.alias_version(name, "champion") == "1"
+        serving("1")
+    finally:
+        stop.set()
+        client.join(timeout=60)
+        server.stop()
+    assert len(answers) > 20
+    assert {status for status, _ in answers} == {200}, [a for a in answers if a[0] != 200][:3]
+    sources = {tuple(i for i, _ in recs(body)[0]) for _, body in answers}
+    assert sources <= {tuple(i for i, _ in expected[v]) for v in ("1", "2")}
+    assert len(sources) == 2  # the client saw both versions, and nothing else
