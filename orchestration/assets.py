@@ -36,7 +36,8 @@ class ServeConfig(dg.Config):
     model_name: Optional[str] = None
     """Registered model name (default ``<MlflowResource.model_prefix>-<domain>``)."""
     alias: str = "champion"
-    """Alias the new version gets when the quality gate passed."""
+    """Alias the new version gets when the quality gate passed and it beats the version the alias
+    points at on the same validation data (``mmrec.promotion``); every new version gets ``challenger``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,10 +217,13 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
         })
 
     @dg.asset(partitions_def=targets, group_name=GROUP, kinds={"mlflow"}, deps=[evaluation, finetuned_model],
-              description="Register the fine-tuned model folder as an MLflow pyfunc model version; promote it to "
-                          "the alias (champion) when the evaluation's quality gate passed.")
+              description="Register the fine-tuned model folder as an MLflow pyfunc model version (alias challenger); "
+                          "promote it to the alias (champion) when the evaluation's quality gate passed and it beats "
+                          "the current champion on the same validation data (mmrec.promotion).")
     def served_model(context: dg.AssetExecutionContext, config: ServeConfig, pipeline: PipelineResource,
                      mlflow: MlflowResource) -> dg.MaterializeResult:
+        from deploy.registry import MlflowRegistry, describe, fetch_model
+        from mmrec import promotion
         from orchestration import mlflow_support as ms
 
         cfg, domain = pipeline.load(), context.partition_key
@@ -231,18 +235,39 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
             run.tracker.log_metrics({"gate/finetuned": gate["finetuned"], **(
                 {"gate/best_baseline": gate["best_baseline"]} if gate["best_baseline"] is not None else {})})
             run.tracker.set_tags({"gate": "passed" if gate["passed"] else "failed", "finetuned_run_id": trained_in})
+            registry = MlflowRegistry(run.uri)
+            # the champion to beat, scored on this model's validation data before the new version exists
+            comparison, error = None, None
+            with tempfile.TemporaryDirectory() as tmp:
+                champion = registry.alias_version(name, config.alias)
+                try:
+                    champion_dir = None
+                    if champion is not None:
+                        champion_dir = fetch_model(run.uri, describe(run.uri, name, config.alias, registry.client),
+                                                   Path(tmp) / "champion")
+                    comparison = promotion.compare(cfg, domain, model_dir, champion_dir, champion)
+                except promotion.PromotionError as exc:
+                    error = str(exc)
+                    context.log.warning(f"not compared with {name}@{config.alias} (version {champion}): {exc}")
+            if comparison is not None:
+                run.tracker.log_metrics({"promotion/challenger": comparison.challenger_value, **(
+                    {"promotion/champion": comparison.champion_value} if comparison.champion is not None else {})})
             version = ms.register_model(run.uri, model_dir, name, run.run_id, {
                 **run.tags, "gate": "passed" if gate["passed"] else "failed", "gate_metric": gate["metric"],
                 "gate_value": gate["finetuned"], "finetuned_run_id": trained_in, "model_dir": str(model_dir)})
         # the blocking quality_gate check keeps this asset from running on a failed gate in the same
-        # run; materialised on its own, it registers the version but does not promote it
-        alias = config.alias if gate["passed"] else None
-        if alias:
-            ms.promote(run.uri, name, version, alias)
+        # run; materialised on its own, it registers the version (challenger) but does not promote it
+        decision = promotion.record(registry, name, version, comparison, gate["passed"], config.alias, error)
+        context.log.info(f"{name} version {version}: {'promoted' if decision.promoted else 'held'} ({decision.reason})")
+        alias = config.alias if decision.promoted else None
         return dg.MaterializeResult(metadata={
             "model_name": name,
             "version": version,
-            "alias": alias or "(not promoted: quality gate failed)",
+            "alias": alias or f"{promotion.CHALLENGER} (not promoted: {decision.reason})",
+            "champion_version": decision.champion or "(none)",
+            "promotion": dg.MetadataValue.md(comparison.summary() if comparison is not None else f"not compared: {error}"),
+            **({"valid challenger": comparison.challenger_value} if comparison is not None else {}),
+            **({"valid champion": comparison.champion_value} if comparison is not None and comparison.champion else {}),
             "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}",
             "model_version": dg.MetadataValue.url(mlflow.model_url(name, version)),
             "source": dg.MetadataValue.path(str(model_dir)),

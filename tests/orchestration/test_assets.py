@@ -250,6 +250,60 @@ def test_failed_gate_blocks_registration(graph, tmp_path):
     stages.evaluation(graph["cfg"], "films", progress=False)
 
 
+def test_retraining_promotes_only_a_model_that_beats_the_champion_on_the_same_validation_data(graph, tmp_path):
+    """served_model registers every run as the challenger and compares it with the champion on the
+    same validation split: it replaces a champion that ranks nothing (all-zero item vectors,
+    validation NDCG 0), keeps the champion it only ties, and the rollback restores the one before."""
+    import shutil
+
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from deploy import rollback
+    from orchestration import mlflow_support as ms
+
+    cfg, uri = graph["cfg"], graph["uri"]
+    client = MlflowClient(uri, registry_uri=uri)
+    aliases = lambda: {k: str(v) for k, v in client.get_registered_model(MODEL_NAME).aliases.items()}  # noqa: E731
+    bad = tmp_path / "bad"
+    shutil.copytree(cfg.artifact_path("finetuned_model", "films") / "model", bad)
+    zeros = load_file(bad / "item_vectors.safetensors")["item_vectors"] * 0
+    save_file({"item_vectors": zeros.contiguous()}, bad / "item_vectors.safetensors")
+    with ms.mlflow_run(uri, "films", "bad", {"stage": "served_model"}) as tracker:
+        bad_version = ms.register_model(uri, bad, MODEL_NAME, tracker.run_id, {"gate": "passed"})
+    client.set_registered_model_alias(MODEL_NAME, "champion", bad_version)
+    defs, inst = build_defs(str(graph["path"])), graph["instance"]
+
+    def serve() -> dict:
+        res = defs.resolve_job_def(TARGET_JOB).execute_in_process(
+            instance=inst, partition_key="films", asset_selection=[dg.AssetKey("served_model")])
+        assert res.success
+        return {k: v.value for k, v in materializations(inst, "served_model", "films")[0].metadata.items()}
+
+    md = serve()
+    won = md["version"]
+    assert md["alias"] == "champion" and md["champion_version"] == won and md["valid champion"] == 0.0
+    assert md["valid challenger"] > 0
+    assert aliases() == {"champion": won, "challenger": won, "previous_champion": bad_version}
+    tags = client.get_model_version(MODEL_NAME, won).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_version"] == bad_version
+    assert float(tags["promotion.champion_value"]) == 0.0 and tags["previous_champion"] == bad_version
+    assert tags["promotion.metric"] == "NDCG@10" and tags["promotion.split"] == "valid"
+    assert float(tags["promotion.challenger_value"]) == pytest.approx(md["valid challenger"], abs=1e-6)
+
+    md = serve()  # the same model again: a tie keeps the champion
+    held = md["version"]
+    assert md["alias"] == f"challenger (not promoted: does not beat v{won})" and md["champion_version"] == won
+    assert md["valid challenger"] == md["valid champion"]
+    assert aliases() == {"champion": won, "challenger": held, "previous_champion": bad_version}
+    assert client.get_model_version(MODEL_NAME, held).tags["promotion.decision"] == "held"
+
+    # the bad champion was set by hand, so nothing before it is recorded: the chain ends there
+    assert rollback.main(["--config", str(graph["path"])]) == 0
+    assert aliases() == {"champion": bad_version, "challenger": held}
+    assert client.get_model_version(MODEL_NAME, won).tags["rolled_back_to"] == bad_version
+
+
 # --------------------------------------------------------------------------------------------
 # A bad catalog
 
