@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PORT ?= 5001
 
-.PHONY: install demo repro ui mlflow-ui serve test test-slow bench compare clean
+.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve compare clean
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ mlflow-ui: install
 serve: install
 	$(BIN)/python -m deploy.serve --config $(CONFIG) --port $(PORT) --workers $(or $(WORKERS),1)
 
+# Point <prefix>-<domain>@champion back at the previous champion (a running `make serve` picks it
+# up at its next registry check, --reload-interval, 30 s by default)
+rollback: install
+	$(BIN)/python -m deploy.rollback --config $(CONFIG)
+
 test: install
 	$(BIN)/pytest -q
 
@@ -62,6 +67,13 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_catalog.py
+
+# The serving load test on loopback (benchmarks/bench_serving.py --only http): the real service
+# with 2 workers for catalogs of 10K and 100K items, p50 / p99 latency and requests/s at 1, 4 and
+# 16 closed-loop clients (BENCH_SECONDS per row, default 10), then the latency of adding an item.
+# About 2 minutes with the default; ONLY=recommend,faiss,http adds the in-process sections.
+bench-serve: install
+	$(BIN)/python benchmarks/bench_serving.py --only $(or $(ONLY),http) --seconds $(or $(BENCH_SECONDS),10)
 
 # RecBole 1.2.1's SASRec on exactly the target domains' splits, next to mmrec's models with paired
 # intervals over users (run the pipeline for the same seeds first). RecBole needs torch 2.13 and
