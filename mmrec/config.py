@@ -4,6 +4,16 @@ The YAML files under ``configs/`` are the only source of parameters. Each compon
 own section (``cfg.validation``, ``cfg.preprocess``), never the whole file. Unknown keys are errors,
 so a typo cannot silently fall back to a default.
 
+Each component owns its section, a frozen dataclass beside its code (``ValidationConfig`` in
+``mmrec.data.validation``, ``PreprocessConfig`` in ``mmrec.data.preprocess``, ``DemoConfig`` in
+``mmrec.data.synthetic``, ``ModelConfig`` in ``mmrec.models.recommender``, ``TrainConfig`` in
+``mmrec.training``, ``TransferConfig`` in ``mmrec.transfer``). This module holds the pipeline's
+own sections (domains, compute, features, evaluation) and assembles them all with the generic
+parser of the leaf ``mmrec.configbase`` (``from_dict``, ``ConfigError``), which the components use
+for their nested sections. The arrows point one way: no component imports this module
+(``tests/test_config_imports.py``). The model-side sections are parsed on first use, so loading a
+config (and the CLI) does not import torch.
+
 Paths in a config file are relative to its ``root`` key, which is itself relative to the folder
 holding the config file (``root: ..`` for files in ``configs/``).
 """
@@ -14,45 +24,23 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from mmrec.configbase import ConfigError, from_dict
+from mmrec.data.preprocess import PreprocessConfig
+from mmrec.data.validation import ValidationConfig
 
 if TYPE_CHECKING:
     from mmrec.data.synthetic import DemoConfig
 
-
-class ConfigError(ValueError):
-    """A configuration file or section is invalid."""
-
-
-def from_dict(cls, data: dict[str, Any] | None, where: str, **shared: Any):
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with the list of valid ones.
-
-    ``shared`` values (e.g. ``dim`` set once for the whole model) fill fields of ``cls`` with the
-    same name; a section that sets one to a different value is an error.
-    """
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    for key, value in shared.items():
-        if key in names:
-            if key in data and data[key] != value:
-                raise ConfigError(f"{where}.{key} = {data[key]!r} disagrees with the shared value {value!r}")
-            data[key] = value
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
-
-
+# the sections defined elsewhere are re-exported: `from mmrec.config import PreprocessConfig` works
+__all__ = [
+    "BASELINES", "DEVICE_CHOICES", "HISTORY_MODES", "MODEL_SECTIONS", "TRAINED_BASELINES", "ComputeConfig",
+    "ConfigError", "DomainConfig", "EvaluationConfig", "FeaturesConfig", "PipelineConfig", "PreprocessConfig",
+    "SASRecBaselineConfig", "SourceConfig", "ValidationConfig", "from_dict", "load_config",
+]
 
 
 @dataclass(frozen=True)
@@ -71,99 +59,6 @@ class SourceConfig:
             raise ValueError("source.format is required")
         if not self.path:
             raise ValueError("source.path is required")
-
-
-@dataclass(frozen=True)
-class ValidationConfig:
-    """Great Expectations checks run on a raw catalog before it is preprocessed.
-
-    Short users are not a validation matter: ``preprocess.min_seq_len`` is the one rule, applied
-    by preprocessing in both modes and counted in ``validation.md`` (a validation minimum of its
-    own used to reject a whole domain for a user that preprocessing would have dropped anyway).
-    """
-
-    on_error: str = "fail"
-    """``fail``: stop with a report naming each failing expectation; ``quarantine``: move bad rows
-    to a side file, report the counts per reason and continue."""
-    min_text_share: float = 0.0
-    """Lowest share of items with non-empty text (modality completeness)."""
-    min_image_share: float = 0.0
-    """Lowest share of items with a readable image."""
-    max_user_interactions: int | None = None
-    """Longest acceptable raw sequence (``None``: no bound); a longer one is a failing row (a bot,
-    a merged account). Too short ones are dropped by ``preprocess.min_seq_len``."""
-    check_images: bool = True
-    """Open and fully decode every referenced image (slow on large catalogs; disable to only
-    check that the files exist, which also skips ``max_image_pixels``)."""
-    max_image_pixels: int | None = 50_000_000
-    """Largest image accepted, in pixels (width x height, read from the header before decoding);
-    a larger one fails as ``too_many_pixels``. A decode costs about 3 bytes per pixel (150 MB at
-    the default, 1 GB for a 169-megapixel scan) while the encoders look at 224 x 224; ``None``
-    leaves only PIL's decompression-bomb guard (about 179 megapixels)."""
-    sample_rows: int = 5
-    """How many failing rows each report entry shows."""
-
-    def __post_init__(self):
-        if self.on_error not in ("fail", "quarantine"):
-            raise ValueError(f"on_error must be 'fail' or 'quarantine', got {self.on_error!r}")
-        for name in ("min_text_share", "min_image_share"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
-        if self.max_user_interactions is not None and self.max_user_interactions < 3:
-            raise ValueError(f"max_user_interactions must be >= 3 (train, valid and test items), got {self.max_user_interactions}")
-        if self.max_image_pixels is not None and (isinstance(self.max_image_pixels, bool) or self.max_image_pixels < 1):
-            raise ValueError(f"max_image_pixels must be a positive integer or None, got {self.max_image_pixels!r}")
-        if self.sample_rows < 1:
-            raise ValueError("sample_rows must be >= 1")
-
-
-REPEATS = ("keep", "drop_consecutive", "drop_all")
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """The papers' preprocessing (PMMRec / NineRec protocol).
-
-    Order: repeats (``repeats``), then the length filter (``min_seq_len``, counted after repeats),
-    then the last L+3, then the leave-one-out split. What each step removed is counted in
-    ``validation.md`` and ``stats.json``.
-
-    Why ``repeats: drop_all`` by default: the papers (and RecBole) rank the full catalog with every
-    item of the user's history masked. A target already in the history is then masked out and can
-    never be hit, so it only lowers every model's score by the same unreachable share (5% of the
-    test targets of a real Amazon domain). NineRec/PMMRec ship data in which each user-item pair
-    occurs once after their preprocessing; ``drop_all`` (keep the first time a user met an item)
-    gives exactly that, and every target is reachable. ``drop_consecutive`` removes only A A -> A,
-    so A B A still leaves an unreachable target; ``keep`` suits only repeat-aware evaluation
-    (``evaluation.history: keep_all``).
-    """
-
-    min_seq_len: int = 5
-    """Drop users with fewer interactions, after repeats are handled (PMMRec uses 3, NineRec 5).
-    The one length rule: validation has no minimum of its own."""
-    max_seq_len: int = 20
-    """L, the longest training history; each user keeps the last L+3 interactions. A user's
-    training sequence (up to L+1 items) must fit in one training row of the model, so L <=
-    ``model.max_len`` for a causal user encoder and L <= ``model.max_len + bce_positives - 1`` for
-    a bidirectional one (``ModelConfig.check_history_length``, checked when ``model`` is read)."""
-    repeats: str = "drop_all"
-    """What to do when a user interacts with the same item again: ``drop_all`` (keep each
-    user-item pair's first interaction), ``drop_consecutive`` (only collapse immediate repeats,
-    A A -> A) or ``keep``. See the class docstring for why ``drop_all`` is the default."""
-
-    def __post_init__(self):
-        if self.min_seq_len < 3:
-            raise ValueError(f"min_seq_len must be >= 3 for a leave-one-out split, got {self.min_seq_len}")
-        if self.max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
-        if self.repeats not in REPEATS:
-            raise ValueError(f"repeats must be one of {list(REPEATS)}, got {self.repeats!r}")
-
-    @property
-    def keep_last(self) -> int:
-        """How many of each user's most recent interactions are kept (L + 3)."""
-        return self.max_seq_len + 3
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from mmrec.configbase import check_keys
 from mmrec.io import atomic_dir
 
 # --------------------------------------------------------------------------------------------
@@ -316,10 +317,7 @@ class DemoConfig:
         """Build a config from a mapping (e.g. a YAML section); lists become tuples."""
         if not isinstance(d, dict):
             raise ValueError(f"DemoConfig: expected a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"DemoConfig: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        check_keys(cls, d, "DemoConfig")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict[str, Any]:

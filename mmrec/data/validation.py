@@ -38,13 +38,57 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
-from mmrec.config import ValidationConfig
 from mmrec.data.catalog import Catalog
 from mmrec.data.images import FAILURES, ImageStore
 
 IMAGE_OK = ("none", "ok")
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Great Expectations checks run on a raw catalog before it is preprocessed.
+
+    Short users are not a validation matter: ``preprocess.min_seq_len`` is the one rule, applied
+    by preprocessing in both modes and counted in ``validation.md`` (a validation minimum of its
+    own used to reject a whole domain for a user that preprocessing would have dropped anyway).
+    """
+
+    on_error: str = "fail"
+    """``fail``: stop with a report naming each failing expectation; ``quarantine``: move bad rows
+    to a side file, report the counts per reason and continue."""
+    min_text_share: float = 0.0
+    """Lowest share of items with non-empty text (modality completeness)."""
+    min_image_share: float = 0.0
+    """Lowest share of items with a readable image."""
+    max_user_interactions: int | None = None
+    """Longest acceptable raw sequence (``None``: no bound); a longer one is a failing row (a bot,
+    a merged account). Too short ones are dropped by ``preprocess.min_seq_len``."""
+    check_images: bool = True
+    """Open and fully decode every referenced image (slow on large catalogs; disable to only
+    check that the files exist, which also skips ``max_image_pixels``)."""
+    max_image_pixels: int | None = 50_000_000
+    """Largest image accepted, in pixels (width x height, read from the header before decoding);
+    a larger one fails as ``too_many_pixels``. A decode costs about 3 bytes per pixel (150 MB at
+    the default, 1 GB for a 169-megapixel scan) while the encoders look at 224 x 224; ``None``
+    leaves only PIL's decompression-bomb guard (about 179 megapixels)."""
+    sample_rows: int = 5
+    """How many failing rows each report entry shows."""
+
+    def __post_init__(self):
+        if self.on_error not in ("fail", "quarantine"):
+            raise ValueError(f"on_error must be 'fail' or 'quarantine', got {self.on_error!r}")
+        for name in ("min_text_share", "min_image_share"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.max_user_interactions is not None and self.max_user_interactions < 3:
+            raise ValueError(f"max_user_interactions must be >= 3 (train, valid and test items), got {self.max_user_interactions}")
+        if self.max_image_pixels is not None and (isinstance(self.max_image_pixels, bool) or self.max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels must be a positive integer or None, got {self.max_image_pixels!r}")
+        if self.sample_rows < 1:
+            raise ValueError("sample_rows must be >= 1")
 
 
 @dataclass

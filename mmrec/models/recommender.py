@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrec.config import from_dict
+from mmrec.configbase import check_keys, optional_section
 from mmrec.encoders.image import ImageEncoderConfig
 from mmrec.encoders.text import TextEncoderConfig
 from mmrec.models.fusion import FusionConfig
@@ -54,13 +54,6 @@ from mmrec.objectives import (
     sample_negatives,
     total_loss,
 )
-
-
-def _section(cls, data: Any, where: str, **shared):
-    """An optional config section: None stays None, a built config passes through."""
-    if data is None or isinstance(data, cls):
-        return data
-    return from_dict(cls, data, where, **shared)
 
 
 LAST_POSITION_OBJECTIVES = ("bce",)
@@ -145,17 +138,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "model") -> ModelConfig:
         data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        check_keys(cls, data, where)
         dim, max_len = data.get("dim", 64), data.get("max_len", 20)
-        tower = _section(ItemTowerConfig, data.get("item_tower") or {}, f"{where}.item_tower")
-        text = _section(TextEncoderConfig, data.get("text_encoder"), f"{where}.text_encoder")
-        image = _section(ImageEncoderConfig, data.get("image_encoder"), f"{where}.image_encoder")
-        fusion = _section(FusionConfig, data.get("fusion"), f"{where}.fusion", dim=dim)
-        user = _section(UserEncoderConfig, data.get("user_encoder") or {}, f"{where}.user_encoder", dim=dim, max_len=max_len)
-        objective = _section(ObjectiveConfig, data.get("objective") or {}, f"{where}.objective")
+        tower = optional_section(ItemTowerConfig, data.get("item_tower") or {}, f"{where}.item_tower")
+        text = optional_section(TextEncoderConfig, data.get("text_encoder"), f"{where}.text_encoder")
+        image = optional_section(ImageEncoderConfig, data.get("image_encoder"), f"{where}.image_encoder")
+        fusion = optional_section(FusionConfig, data.get("fusion"), f"{where}.fusion", dim=dim)
+        user = optional_section(UserEncoderConfig, data.get("user_encoder") or {}, f"{where}.user_encoder",
+                                dim=dim, max_len=max_len)
+        objective = optional_section(ObjectiveConfig, data.get("objective") or {}, f"{where}.objective")
         try:
             return cls(dim=dim, max_len=max_len, item_tower=tower, text_encoder=text, image_encoder=image, fusion=fusion,
                        user_encoder=user, objective=objective, nicl_head=data.get("nicl_head", True))
