@@ -92,11 +92,12 @@ def run(cfg: PipelineConfig, domain: str, python: Path | str = DEFAULT_PYTHON, t
         if done.get("key") == key:
             return done
     n_items = pl.read_parquet(splits_path.with_name("item_map.parquet")).height
-    work = cfg.artifacts / "compare" / d.name / ".recbole-work"
+    work = (cfg.artifacts / "compare" / d.name / ".recbole-work").resolve()
     write_atomic_files(splits, work / "data", d.name)
     cmd = [str(python), str(RUNNER), "--data", str(work / "data"), "--dataset", d.name, "--out", str(work / "run"),
            "--seed", str(seed), "--max-len", str(max_len), "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=quiet, text=True)
+    # RecBole writes log/ and log_tensorboard/ into its working directory: keep them in the work folder
+    proc = subprocess.run(cmd, capture_output=quiet, text=True, cwd=work)
     if proc.returncode != 0:
         tail = (proc.stderr or "")[-2000:] if quiet else ""
         raise RecBoleError(f"RecBole run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
