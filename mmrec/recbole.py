@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,7 @@ def run(cfg: PipelineConfig, domain: str, python: Path | str = DEFAULT_PYTHON, t
             return done
     n_items = pl.read_parquet(splits_path.with_name("item_map.parquet")).height
     work = (cfg.artifacts / "compare" / d.name / ".recbole-work").resolve()
+    shutil.rmtree(work / "run", ignore_errors=True)  # a failed earlier try's checkpoints and vectors
     write_atomic_files(splits, work / "data", d.name)
     cmd = [str(python), str(RUNNER), "--data", str(work / "data"), "--dataset", d.name, "--out", str(work / "run"),
            "--seed", str(seed), "--max-len", str(max_len), "--threads", str(threads)]
