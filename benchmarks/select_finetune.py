@@ -21,8 +21,6 @@ import copy
 import dataclasses as dc
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
 
     from mmrec import stages
     from mmrec.config import load_config
-    from mmrec.experiment import fit
+    from select_sasrec import timed_fit  # this folder is on sys.path when run as a script
     from mmrec.io import write_json
     from mmrec.models.recommender import Recommender
     from mmrec.transfer import load_part
@@ -87,14 +85,7 @@ def main(argv=None) -> int:
             if cfg.transfer().freeze_user_encoder_except_adapters:
                 model.user_encoder.freeze_for_adapters()
             model.attach(content, data.train_examples(mcfg.max_len), tc.seed)
-            ec = cfg.evaluation()
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                res = fit(model, data, tc, Path(tmp), ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
-            secs = time.perf_counter() - t0
-            rec = {"variant": variant, "overrides": overrides, "transfer": part, "seed": tc.seed, "history": ec.history,
-                   "valid": res.best_metrics, "best_step": res.best_step, "steps": res.steps, "epochs_run": res.epochs_run,
-                   "fit_seconds": secs, "seconds_per_epoch_incl_validation": secs / max(res.epochs_run, 1e-9)}
+            rec = {"variant": variant, "overrides": overrides, "transfer": part, **timed_fit(model, data, cfg, tc)}
             record_path.parent.mkdir(parents=True, exist_ok=True)
             write_json(record_path, rec)
         rows.append(rec)

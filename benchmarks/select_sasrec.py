@@ -28,6 +28,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def timed_fit(model, data, cfg, tc) -> dict:
+    """``fit`` as ``finetuned_model`` runs it (validation only), in a throw-away run folder; the
+    record fields both selection scripts keep."""
+    from mmrec.experiment import fit
+
+    ec = cfg.evaluation()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = fit(model, data, tc, Path(tmp), ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
+    secs = time.perf_counter() - t0
+    return {"seed": tc.seed, "history": ec.history, "valid": res.best_metrics, "best_step": res.best_step,
+            "steps": res.steps, "epochs_run": res.epochs_run, "stopped_early": res.stopped_early, "fit_seconds": secs,
+            "seconds_per_epoch_incl_validation": secs / max(res.epochs_run, 1e-9)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/real.yaml")
@@ -46,7 +61,6 @@ def main(argv=None) -> int:
 
     from mmrec import stages
     from mmrec.config import load_config
-    from mmrec.experiment import fit
     from mmrec.io import write_json
     from mmrec.models.recommender import Recommender
 
@@ -73,15 +87,7 @@ def main(argv=None) -> int:
             torch.manual_seed(tc.seed)
             model = Recommender(mcfg, n_items=content.n_items)
             model.attach(content, data.train_examples(mcfg.max_len), tc.seed)
-            ec = cfg.evaluation()
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                res = fit(model, data, tc, Path(tmp), ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
-            secs = time.perf_counter() - t0
-            rec = {"lr": lr, "dropout": dropout, "weight_decay": wd, "epochs": epochs, "seed": seed, "history": ec.history,
-                   "valid": res.best_metrics, "best_step": res.best_step, "steps": res.steps,
-                   "epochs_run": res.epochs_run, "stopped_early": res.stopped_early, "fit_seconds": secs,
-                   "seconds_per_epoch_incl_validation": secs / max(res.epochs_run, 1e-9),
+            rec = {"lr": lr, "dropout": dropout, "weight_decay": wd, "epochs": epochs, **timed_fit(model, data, cfg, tc),
                    "train": {k: v for k, v in dc.asdict(tc).items() if k != "progress"}}
             record_path.parent.mkdir(parents=True, exist_ok=True)
             write_json(record_path, rec)

@@ -18,19 +18,14 @@ import argparse
 import sys
 
 from deploy.registry import MlflowRegistry, RegistryError
-from deploy.serve import DEFAULT_ALIAS, DEFAULT_PREFIX, ServeError, resolve_target
+from deploy.serve import ServeError, add_target_args, resolve_target
 
 
 def main(argv: list[str] | None = None) -> int:
     from mmrec.promotion import PromotionError, previous_alias, rollback
 
     p = argparse.ArgumentParser(prog="python -m deploy.rollback", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="pipeline YAML (default: $MMREC_CONFIG or configs/demo.yaml)")
-    p.add_argument("--domain", help="target domain (default: the config's only target)")
-    p.add_argument("--model", help="registered model name (default: <prefix>-<domain>)")
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="registered model name prefix (default: mmrec)")
-    p.add_argument("--alias", default=DEFAULT_ALIAS, help="the alias to move back (default: champion)")
-    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite store under the config root)")
+    add_target_args(p, "target domain (default: the config's only target)", "the alias to move back (default: champion)")
     p.add_argument("--dry-run", action="store_true", help="print what would move and change nothing")
     args = p.parse_args(argv)
     try:

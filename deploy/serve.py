@@ -109,14 +109,20 @@ def parse_limits(pairs: list[str]) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.serve", description=__doc__.split("\n\n")[0])
+def add_target_args(p: argparse.ArgumentParser, domain_help: str, alias_help: str) -> None:
+    """The options that name a registered model (shared by serve and rollback)."""
     p.add_argument("--config", help="pipeline YAML (default: $MMREC_CONFIG or configs/demo.yaml)")
-    p.add_argument("--domain", help="target domain whose model to serve (default: the config's only target)")
+    p.add_argument("--domain", help=domain_help)
     p.add_argument("--model", help="registered model name (default: <prefix>-<domain>)")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="registered model name prefix (default: mmrec)")
-    p.add_argument("--alias", default=DEFAULT_ALIAS, help="registry alias to serve (default: champion)")
+    p.add_argument("--alias", default=DEFAULT_ALIAS, help=alias_help)
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite store under the config root)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.serve", description=__doc__.split("\n\n")[0])
+    add_target_args(p, "target domain whose model to serve (default: the config's only target)",
+                    "registry alias to serve (default: champion)")
     p.add_argument("--model-dir", help="serve this exported model folder instead of the registry's")
     p.add_argument("--state-dir", help="live catalog folder (default: <root>/serving/<model>, or <model-dir>.serving)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")

@@ -5,6 +5,7 @@ plumbing on every run; the real RecBole runs in a slow test when `make compare` 
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 import textwrap
@@ -162,6 +163,9 @@ def test_missing_environment_or_failed_run_is_a_clear_error(tmp_path, validated,
 @pytest.mark.slow
 def test_real_recbole_trains_on_the_split(tmp_path, validated):
     if not recbole.DEFAULT_PYTHON.is_file():
+        # MMREC_REQUIRE_RECBOLE=1 (after `make compare`): a missing environment fails instead
+        if os.environ.get("MMREC_REQUIRE_RECBOLE") == "1":
+            pytest.fail(f"{recbole.DEFAULT_PYTHON} missing and MMREC_REQUIRE_RECBOLE=1")
         pytest.skip("RecBole's environment is not built (`make compare`)")
     res = recbole.run(validated, "shop")
     rb = res["recbole"]
