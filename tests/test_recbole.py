@@ -60,6 +60,7 @@ import polars as pl
 p = argparse.ArgumentParser()
 p.add_argument("runner"); p.add_argument("--data"); p.add_argument("--dataset"); p.add_argument("--out")
 p.add_argument("--seed", type=int); p.add_argument("--max-len", type=int); p.add_argument("--threads", type=int)
+p.add_argument("--epochs", type=int, default=300); p.add_argument("--stopping-step", type=int, default=10)
 a = p.parse_args()
 calls = Path({calls!r}); calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
 if {fail!r}:
@@ -77,7 +78,7 @@ np.save(out / "user_vecs_valid.npy", np.eye(n + 1, dtype=np.float32)[[seqs[u][-2
 eye = np.eye(n + 1, dtype=np.float32)
 np.save(out / "user_vecs_test.npy", np.stack([eye[seqs[u][-1]] if u % 2 == 0 else eye[seqs[u][0]] + 0.5 * eye[seqs[u][-1]]
                                               for u in users]))
-(out / "recbole.json").write_text(json.dumps({{"epochs_trained": 2, "seconds_per_epoch": 0.5, "seed": a.seed,
+(out / "recbole.json").write_text(json.dumps({{"epochs_trained": min(2, a.epochs), "seconds_per_epoch": 0.5, "seed": a.seed,
     "max_len": a.max_len, "test_recbole_protocol": {{"ndcg@10": 0.25}}}}))
 """
 
