@@ -65,6 +65,25 @@ def _run_stage(cfg, stage: str, names: list[str] | None, quiet: bool) -> int:
     return 0
 
 
+def _run_distributed(cfg, stage: str, names: list[str] | None, quiet: bool) -> int:
+    """One rank of a torchrun launch (``--nproc``): join the group, run the stage, leave; rank 0
+    reports, the others stay quiet."""
+    from mmrec import distributed
+
+    distributed.init_from_env(cfg.device())
+    try:
+        rank = distributed.world()[0]
+        if rank == 0:
+            _run_stage(cfg, stage, names, quiet)
+        else:
+            for name in stages.stage_domains(cfg, stage, names):
+                fn = stages.STAGE_FUNCTIONS[stage]
+                fn(cfg, progress=False) if name is None else fn(cfg, name, progress=False)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
 def _compare(cfg, args) -> int:
     """``mmrec compare``: RecBole SASRec per seed, then one table per target domain. Not a stage:
     nothing here is reached by ``mmrec <stage>`` (tests/test_dvc.py), so dvc.yaml never depends on it."""
@@ -143,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("raw_catalog", "Import each domain's raw data into the catalog contract.")
     add("validated_catalog", "Validate each raw catalog (Great Expectations) and preprocess it as in the papers.")
     add("item_features", "Compute (or read from the feature cache) the frozen encoder outputs of every item.")
-    add("pretrained_model", "Pretrain the recommender on all source domains together.", domains=False)
-    add("finetuned_model", "Fine-tune the pretrained model on each target domain, with the configured baselines.")
+    nproc_help = ("train with N processes (torchrun, DistributedDataParallel: gloo on CPU, nccl on GPU; the same "
+                  "global batch, split across them); default 1: no process group")
+    for sp in (add("pretrained_model", "Pretrain the recommender on all source domains together.", domains=False),
+               add("finetuned_model", "Fine-tune the pretrained model on each target domain, with the configured baselines.")):
+        sp.add_argument("--nproc", type=int, default=1, help=nproc_help)
     add("evaluation", "Full-ranking test metrics of the fine-tuned model, its baselines and zero-shot.")
     add("run", "Run every stage in order for the selected domains.")
     add("stats", "Print the statistics recorded by validated_catalog.")
@@ -159,8 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        print(f"mmrec {args.command}: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: torchrun runs this command N times
+        from mmrec.distributed import launch
+
+        return launch(nproc, ["mmrec", *_without_nproc(argv)])
     from mmrec.config import ConfigError, load_config
     from mmrec.data.catalog import CatalogError
     from mmrec.data.validation import ValidationError
@@ -217,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n".join(f"- {line}" for line in stages.paired_gap_lines({0: stages.read_ranks(cfg, name)})) + "\n")
             return 0
         todo = stages.STAGES if args.command == "run" else (args.command,)
+        if args.command in ("pretrained_model", "finetuned_model") and os.environ.get("WORLD_SIZE", "1") != "1":
+            return _run_distributed(cfg, args.command, getattr(args, "domain", None), args.quiet)
         for stage in todo:
             _run_stage(cfg, stage, getattr(args, "domain", None), args.quiet)
         return 0

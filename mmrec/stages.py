@@ -176,14 +176,30 @@ def _domain_data(cfg: PipelineConfig, domain: str):
     return content, data
 
 
-def _device_key(device) -> dict[str, str]:
-    """The run-key part of the device: a checkpoint resumes only on its device type (CPU keys as before)."""
-    return {} if device.type == "cpu" else {"device": device.type}
+def _device_key(device) -> dict[str, Any]:
+    """The run-key part of the device and of the process count: a checkpoint resumes only on its
+    device type and with its number of processes (a single CPU process keys as before)."""
+    from mmrec.distributed import world
+
+    key: dict[str, Any] = {} if device.type == "cpu" else {"device": device.type}
+    if world()[1] > 1:
+        key["world_size"] = world()[1]
+    return key
+
+
+def _writer() -> bool:
+    """Whether this process writes the stage's artifact: always, except on the ranks > 0 of a
+    torchrun launch (they train with rank 0, which exports)."""
+    from mmrec.distributed import world
+
+    return world()[0] == 0
 
 
 def _tracker(out_dir: Path, tracker):
-    from mmrec.tracking import JsonlTracker, MultiTracker
+    from mmrec.tracking import JsonlTracker, MultiTracker, NullTracker
 
+    if not _writer():
+        return NullTracker()
     local = JsonlTracker(out_dir / "log")
     return MultiTracker(local, tracker) if tracker is not None else local
 
@@ -234,9 +250,18 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
     result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
     item_maps = [(s, pl.read_parquet(cfg.artifact_path("validated_catalog", s) / "item_map.parquet")) for s in sources]
     info = {"stage": "pretrained_model", "sources": sources, "valid_metrics": result.best_metrics,
-            "best_step": result.best_step, "steps": result.steps, "run_dir": str(run)}
-    out = export_model(model, cfg.artifact_path("pretrained_model"), prefixed_item_map(item_maps, offsets), "+".join(sources), info)
+            "best_step": result.best_step, "steps": result.steps, "run_dir": str(run), **_world_info()}
+    out = cfg.artifact_path("pretrained_model")
+    if _writer():
+        out = export_model(model, out, prefixed_item_map(item_maps, offsets), "+".join(sources), info)
     return StageResult("pretrained_model", "+".join(sources), out, info)
+
+
+def _world_info() -> dict[str, int]:
+    """``{"world_size": W}`` for a model trained by ``W > 1`` processes (nothing for one)."""
+    from mmrec.distributed import world
+
+    return {"world_size": world()[1]} if world()[1] > 1 else {}
 
 
 def _variants(cfg: PipelineConfig):
@@ -292,7 +317,10 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
     popularity = torch.bincount(train_items, minlength=content.n_items + 1)  # serves users with no history
     out = cfg.artifact_path("finetuned_model", d.name)
     device = cfg.device()
-    with atomic_dir(out) as tmp:
+    import contextlib
+
+    writer = _writer()
+    with atomic_dir(out) if writer else contextlib.nullcontext() as tmp:
         for name, (mcfg, part, overrides) in _variants(cfg).items():
             vtc = dc.replace(tc, **overrides)
             key = {"model": mcfg.to_dict(), "train": dc.asdict(vtc) | {"progress": None}, "part": part,
@@ -311,11 +339,13 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
             tr.set_tags({"stage": "finetuned_model", "domain": d.name, "variant": name, "transfer": part})
             result = fit(model, data, vtc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
             info = {"variant": name, "transfer": part, "valid_metrics": result.best_metrics, "best_step": result.best_step,
-                    "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run)}
-            export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info,
-                         popularity)
+                    "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run), **_world_info()}
+            if writer:
+                export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info,
+                             popularity)
             summary["variants"][name] = info
-        write_json(tmp / "summary.json", summary)
+        if writer:
+            write_json(tmp / "summary.json", summary)
     return StageResult("finetuned_model", d.name, out, summary)
 
 

@@ -74,12 +74,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mmrec import distributed
 from mmrec.io import atomic_dir, tensor_digest, write_json
 from mmrec.tracking import NullTracker, Tracker, flatten, numeric_metrics
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
 STATE_FORMAT = 1
+RANKS_FILE = "ranks.pt"
+"""In a distributed run's checkpoint: every rank's torch (and CUDA) RNG state."""
 
 
 @runtime_checkable
@@ -360,6 +363,31 @@ def seed_everything(seed: int, generators: Mapping[str, AnyGenerator] | None = N
             g.seed(s)
 
 
+def _seed_globals(seed: int) -> None:
+    """Seed the global torch / numpy / random RNGs only (a rank's own dropout stream)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _global_rng() -> dict[str, Any]:
+    """This process's global RNG states (one entry of a distributed checkpoint's ``ranks``)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_global_rng(rng: Mapping[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
 def find_generators(**owners: Any) -> dict[str, AnyGenerator]:
     """Random generators an object keeps as attributes (``self.generator = torch.Generator()``),
     searched on each owner and, for an ``nn.Module``, on every submodule: ``{"model.generator": g}``.
@@ -563,11 +591,18 @@ def _save_checkpoint(
     cfg: TrainConfig,
     generators: Mapping[str, AnyGenerator],
     device: torch.device,
+    ranks: list[dict[str, Any]] | None = None,
 ) -> None:
+    """``ranks``: every rank's ``_global_rng`` in a distributed run (``ranks.pt`` + ``state.json``'s
+    ``ranks`` and ``world_size``); a single process's checkpoint has none of these."""
     rng_tensors, rng_json = _split_rng(_capture_rng(generators))
+    extra = {}
     with atomic_dir(out_dir / CHECKPOINT) as tmp:
         _save_weights(model, tmp / "model.safetensors")
         _write_trainer_state(tmp / "trainer.pt", optimizer, scheduler, rng_tensors)
+        if ranks is not None:
+            torch.save({"torch": [r["torch"] for r in ranks], "cuda": [r["cuda"] for r in ranks]}, tmp / RANKS_FILE)
+            extra = {"world_size": len(ranks), "ranks": _to_json([{"numpy": r["numpy"], "python": r["python"]} for r in ranks])}
         if state.best_step >= 0:
             meta = _read_best_meta(out_dir)
             if meta is None or meta["step"] != state.best_step:
@@ -581,6 +616,7 @@ def _save_checkpoint(
                 "config": dataclasses.asdict(cfg),
                 "device": device.type,
                 "rng": rng_json,
+                **extra,
             },
         )
 
@@ -608,9 +644,16 @@ def _load_checkpoint(
     n: int,
     device: torch.device,
     generators: Mapping[str, AnyGenerator],
+    writer: bool = True,
 ) -> TrainState:
+    """Restore everything from ``out_dir/checkpoint``; only the ``writer`` (rank 0) repairs ``best/``."""
     ckpt = out_dir / CHECKPOINT
     meta = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    rank, size = distributed.world()
+    saved_size = meta.get("world_size", 1)
+    if saved_size != size:
+        raise ValueError(f"cannot resume {ckpt}: it was trained by {saved_size} process(es), this run has {size}; "
+                         f"resume with {saved_size}, or use resume=False or another out_dir to start a new run")
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{ckpt}: unsupported checkpoint format {meta.get('format')!r} (expected {STATE_FORMAT})")
     state = TrainState(**meta["state"])
@@ -631,6 +674,11 @@ def _load_checkpoint(
             f"the model, dataset and collate function now have {sorted(generators)}"
         )
     _restore_rng(rng, generators)
+    if size > 1:  # this rank's own dropout stream
+        own = torch.load(ckpt / RANKS_FILE, map_location="cpu", weights_only=True)
+        _set_global_rng({"torch": own["torch"][rank], "cuda": own["cuda"][rank], **_from_json(meta["ranks"][rank])})
+    if not writer:
+        return state
     # best/ may be ahead of the checkpoint (an improvement after it, then a crash): put back the
     # checkpoint's own best so that the two agree
     best_meta = _read_best_meta(out_dir)
@@ -714,14 +762,15 @@ class StepSums:
 
 def _train_step(
     model: nn.Module, batch: Any, optimizer, scheduler, cfg: TrainConfig, device: torch.device, step: int,
-    sums: StepSums,
+    sums: StepSums, forward: Callable[[Any], Mapping[str, torch.Tensor]] | None = None,
 ) -> list[float]:
     """One optimizer step, with no host-device synchronisation of its own; adds the loss parts (and
-    gradient norm) to ``sums`` and returns the lr each group used."""
+    gradient norm) to ``sums`` and returns the lr each group used. ``forward``: what computes the
+    loss parts (the DistributedDataParallel wrapper under torchrun), ``model.training_loss`` by default."""
     model.train()
     batch = _to_device(batch, device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device)):
-        out = model.training_loss(batch)
+        out = (forward or model.training_loss)(batch)
     if "loss" not in out:
         raise KeyError(f"training_loss() must return a 'loss' entry, got {sorted(out)}")
     loss = out["loss"].float()
@@ -761,6 +810,28 @@ def _evaluate(
     return {str(k): (float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v) for k, v in metrics.items()}
 
 
+def _evaluate_on_rank0(
+    model: nn.Module, evaluate: Callable[[nn.Module], Mapping[str, Any]], generators: Mapping[str, AnyGenerator]
+) -> dict[str, Any]:
+    """``_evaluate`` on rank 0, its metrics (or its error) broadcast: every rank takes the same
+    decisions (best, patience, stop) from the same numbers, and none waits forever for a failed one."""
+    error: BaseException | None = None
+    payload: tuple[str, Any]
+    if distributed.world()[0] == 0:
+        try:
+            payload = ("ok", _evaluate(model, evaluate, generators))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error, payload = exc, ("error", f"{type(exc).__name__}: {exc}")
+    else:
+        payload = ("", None)
+    kind, value = distributed.broadcast_object(payload)
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise RuntimeError(f"the evaluation on rank 0 failed: {value}")
+    return value
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -783,27 +854,40 @@ def train(
     like a crash would (tests use it). The model is left in eval mode.
     """
     out_dir = Path(out_dir)
-    tracker = tracker if tracker is not None else NullTracker()
+    rank, size = distributed.world()  # (0, 1) unless launched by torchrun (mmrec.distributed)
+    writer = rank == 0  # the one process that writes files and logs
+    tracker = tracker if tracker is not None and writer else NullTracker()
     n = len(dataset)
     per_epoch = n_batches(n, cfg.batch_size, cfg.drop_last)
     if per_epoch == 0:
         raise ValueError(f"no training batch: {n} examples, batch_size {cfg.batch_size}, drop_last {cfg.drop_last}")
+    smallest = cfg.batch_size if cfg.drop_last or n % cfg.batch_size == 0 else n % cfg.batch_size
+    if smallest < size:
+        raise ValueError(f"the last batch of each epoch holds {smallest} examples, fewer than the {size} processes "
+                         "(each needs a row): set drop_last, or another batch_size")
     total = total_steps(cfg, per_epoch)
     device = _model_device(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total)
     generators = find_generators(model=model, dataset=dataset, collate=collate_fn)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _recover(out_dir)
+    if writer:
+        _recover(out_dir)
+    distributed.barrier()
 
-    if resume and (out_dir / CHECKPOINT / "state.json").exists():
-        state = _load_checkpoint(out_dir, model, optimizer, scheduler, cfg, n, device, generators)
+    if distributed.broadcast_object(resume and (out_dir / CHECKPOINT / "state.json").exists()):
+        state = _load_checkpoint(out_dir, model, optimizer, scheduler, cfg, n, device, generators, writer=writer)
         tracker.set_tags({"resumed_from_step": str(state.step)})
     else:
-        for name in (CHECKPOINT, BEST):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
+        if writer:
+            for name in (CHECKPOINT, BEST):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
         seed_everything(cfg.seed, generators)
+        if rank > 0:  # dropout differs per rank; the owned generators (id draws for the global batch) do not
+            _seed_globals(_derived_seed(cfg.seed, 3, rank))
         state = TrainState(n_examples=n)
+    distributed.barrier()  # rank 0's clean-up and best/ repair are done before anyone reads or writes
+    ddp = distributed.wrap(model) if size > 1 else None
     tracker.log_params(flatten(cfg, "train"))
     group_names = [g["name"] for g in optimizer.param_groups]
 
@@ -827,7 +911,7 @@ def train(
 
     def run_eval() -> None:
         pending.flush(state)
-        metrics = _evaluate(model, evaluate, generators)
+        metrics = _evaluate(model, evaluate, generators) if size == 1 else _evaluate_on_rank0(model, evaluate, generators)
         if cfg.monitor not in metrics:
             raise KeyError(f"monitor {cfg.monitor!r} is not among the metrics evaluate() returned: {sorted(metrics)}")
         improved = _improved(metrics[cfg.monitor], state.best_value, cfg)
@@ -839,7 +923,8 @@ def train(
         if improved:
             state.best_value, state.best_step = float(metrics[cfg.monitor]), state.step
             state.best_metrics, state.bad_evals = metrics, 0
-            _save_best(out_dir, model, state, cfg)
+            if writer:
+                _save_best(out_dir, model, state, cfg)
         else:
             state.bad_evals += 1
         tracker.log_metrics(numeric_metrics(metrics, "val/"), step=state.step)
@@ -848,15 +933,19 @@ def train(
 
     def run_checkpoint() -> None:
         pending.flush(state)
-        _save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg, generators, device)
+        ranks = distributed.gather_objects(_global_rng()) if size > 1 else None  # every rank's dropout stream
+        if writer:
+            _save_checkpoint(out_dir, model, optimizer, scheduler, state, cfg, generators, device, ranks)
         notify("checkpoint")
 
     dirty = False  # something happened since the last checkpoint
     pending = StepSums(device)  # loss parts not yet read from the device
-    pbar = tqdm(total=total, initial=state.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and writer), desc="train", dynamic_ncols=True)
     try:
         while not _finished(state, cfg):
             batches = epoch_batches(n, cfg.batch_size, cfg.seed, state.epoch, cfg.drop_last)[state.batch_in_epoch :]
+            if size > 1:  # the distributed sampler: this rank's rows of each global batch
+                batches = [distributed.shard(b, rank, size) for b in batches]
             loader = DataLoader(
                 dataset,
                 batch_sampler=batches,
@@ -867,7 +956,7 @@ def train(
                 generator=torch.Generator().manual_seed(_derived_seed(cfg.seed, state.epoch, 1)),
             )
             for batch in loader:
-                lrs = _train_step(model, batch, optimizer, scheduler, cfg, device, state.step, pending)
+                lrs = _train_step(model, batch, optimizer, scheduler, cfg, device, state.step, pending, ddp)
                 state.step += 1
                 state.batch_in_epoch += 1
                 epoch_done = state.batch_in_epoch == per_epoch
@@ -904,6 +993,7 @@ def train(
     finally:
         pbar.close()
 
+    distributed.barrier()  # rank 0 has written best/ before anyone loads it
     best_path = out_dir / BEST / "model.safetensors"
     if state.best_step >= 0:
         _load_weights(model, best_path, device)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrec.configbase import check_keys, optional_section
+from mmrec.distributed import gather_rows, local_rows, row_counts
 from mmrec.encoders.image import ImageEncoderConfig
 from mmrec.encoders.text import TextEncoderConfig
 from mmrec.models.fusion import FusionConfig
@@ -307,23 +308,38 @@ class Recommender(nn.Module):
         return h, self.user_encoder.user_vector(h, mask).unsqueeze(1)  # (B, L, d), (B, 1, d)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        seq = batch["seq"]  # (B, W)
+        """The loss of the batch. Under ``torchrun`` ``batch`` holds this process's rows of the global
+        batch: the towers and the user encoder run on them, the losses on every rank's rows
+        (``mmrec.distributed``: gathered with gradients; id draws made for the global batch), so
+        every rank returns the loss one process would compute for the whole batch."""
+        seq = batch["seq"]  # (b, W) this process's rows; b = B in one process
         obj, content = self.cfg.objective, self._content()
-        B, L1 = seq.shape
-        inputs, targets = self.training_layout(seq)  # (B, L), (B, T, P) item ids
+        counts = row_counts(seq.shape[0], seq.device)  # rows per rank ([B] in one process)
+        mine = local_rows(counts)
+
+        def everyone(t: torch.Tensor) -> torch.Tensor:  # (b, ...) -> (B, ...); the identity in one process
+            return gather_rows(t, counts)
+
+        seq_all = everyone(seq)  # (B, W)
+        inputs_all, targets_all = self.training_layout(seq_all)  # (B, L), (B, T, P) item ids
+        inputs, targets = inputs_all[mine], targets_all[mine]  # (b, L), (b, T, P)
         # every item the losses need (grid, negatives, corrupted histories) goes through the tower once
         groups = {"seq": seq}
         if obj.name == "full_softmax":  # every catalog item is a candidate: one tower pass over all of them
             groups["all"] = torch.arange(content.n_items + 1, device=seq.device)
         if obj.name == "bce":
             groups["pos"] = targets
-            groups["neg"] = sample_negatives(content.n_items, (*targets.shape[:2], obj.bce_negatives), generator=self.generator, exclude=seq)
+            neg_all = sample_negatives(content.n_items, (*targets_all.shape[:2], obj.bce_negatives), generator=self.generator,
+                                       exclude=seq_all)  # (B, T, K)
+            groups["neg"] = neg_all[mine]
         if not self.user_encoder.causal:
             groups["inputs"] = inputs  # the split history (its ids are in the grid: no extra tower work)
         if obj.uses_corruption:
             # corrupt the history the user encoder reads (the last item is kept by design); the whole
             # row is excluded from the replacements, so a noise item is never one of the targets
-            groups["noisy"], noise = corrupt_sequences(inputs, obj.corruption, content.n_items, generator=self.generator, exclude=seq)
+            noisy_all, noise = corrupt_sequences(inputs_all, obj.corruption, content.n_items, generator=self.generator,
+                                                 exclude=seq_all)  # (B, L) each
+            groups["noisy"] = noisy_all[mine]
         flat = torch.cat([g.reshape(-1) for g in groups.values()])
         uniq, inv = torch.unique(flat, return_inverse=True)
         out = self.item_tower(content, uniq, with_modalities=obj.nicl_enabled)
@@ -334,32 +350,34 @@ class Recommender(nn.Module):
         def lookup(name: str, table: torch.Tensor = vec) -> torch.Tensor:
             return table[parts_inv[name]].reshape(*groups[name].shape, table.shape[-1])
 
-        e = lookup("seq")  # (B, W, d)
-        mask = inputs > 0  # (B, L)
-        h, queries = self.training_states(e[:, :-1] if self.user_encoder.causal else lookup("inputs"), mask)  # (B, L, d), (B, T, d)
+        e = lookup("seq")  # (b, W, d)
+        mask = inputs > 0  # (b, L)
+        h, queries = self.training_states(e[:, :-1] if self.user_encoder.causal else lookup("inputs"), mask)  # (b, L, d), (b, T, d)
         parts: dict[str, torch.Tensor] = {}
         if obj.name == "softmax":
-            parts["main"] = next_item_softmax(h, e, seq, self.log_pop, obj.softmax_temperature)
+            parts["main"] = next_item_softmax(everyone(h), everyone(e), seq_all, self.log_pop, obj.softmax_temperature)
         elif obj.name == "full_softmax":
-            parts["main"] = full_softmax(h, lookup("all"), seq, obj.softmax_temperature)  # all (N+1, d)
+            parts["main"] = full_softmax(everyone(h), lookup("all"), seq_all, obj.softmax_temperature)  # all (N+1, d)
         else:
-            parts["main"] = bce_sampled(queries, lookup("pos"), lookup("neg"), targets > 0)  # pos (B, T, P, d), neg (B, T, K, d)
+            # pos (B, T, P, d), neg (B, T, K, d)
+            parts["main"] = bce_sampled(everyone(queries), everyone(lookup("pos")), everyone(lookup("neg")), targets_all > 0)
         if obj.nicl_enabled:
             tp, vp, has_t, has_v = modalities
             if self.nicl_head is not None:
                 tp, vp = self.nicl_head(tp), self.nicl_head(vp)
-            tv, iv = lookup("seq", tp), lookup("seq", vp)  # (B, L+1, d)
-            both = (has_t & has_v)[parts_inv["seq"]].reshape(B, L1)
-            parts["nicl"] = nicl(tv, iv, seq * both, obj.nicl)
+            tv, iv = lookup("seq", tp), lookup("seq", vp)  # (b, L+1, d)
+            both = (has_t & has_v)[parts_inv["seq"]].reshape(seq.shape)
+            parts["nicl"] = nicl(everyone(tv), everyone(iv), everyone(seq * both), obj.nicl)
         if obj.uses_corruption:
             noisy = groups["noisy"]
-            h_noisy = self.user_encoder(lookup("noisy"), noisy > 0)  # (B, L, d)
+            h_noisy = self.user_encoder(lookup("noisy"), noisy > 0)  # (b, L, d)
             if obj.nid_weight > 0:
-                parts["nid"] = nid_loss(self.nid_head(h_noisy), noise, noisy > 0)
+                parts["nid"] = nid_loss(everyone(self.nid_head(h_noisy)), noise, noisy_all > 0)
             if obj.rcl_weight > 0:
                 u_clean = self.user_encoder.user_vector(h, mask)
                 u_noisy = self.user_encoder.user_vector(h_noisy, noisy > 0)
-                parts["rcl"] = rcl_loss(u_clean, u_noisy, obj.rcl_temperature, valid=mask.sum(1) >= 2)
+                parts["rcl"] = rcl_loss(everyone(u_clean), everyone(u_noisy), obj.rcl_temperature,
+                                        valid=(inputs_all > 0).sum(1) >= 2)
         loss = total_loss(parts, obj)
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
