@@ -230,12 +230,13 @@ class LossForward(nn.Module):
 
 def wrap(model: nn.Module) -> nn.Module:
     """DistributedDataParallel over ``LossForward(model)``. Buffers are not re-broadcast at every
-    step (``log_pop`` holds one float per catalog item and never changes while training);
-    ``find_unused_parameters`` because a step may leave a parameter out (an item-ID row set)."""
+    step (``log_pop`` holds one float per catalog item and never changes while training). Every
+    trainable parameter takes part in every step's loss (the recommender's contract tests check
+    it), so DDP does not search the graph for unused ones; one left out fails loudly on the next step."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(LossForward(model), device_ids=ids, forward_sync_buffers=False,
-                                               find_unused_parameters=True)
+                                               find_unused_parameters=False)
 
 
 # -- launching ----------------------------------------------------------------------------------

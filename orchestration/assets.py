@@ -25,6 +25,7 @@ import dagster as dg
 
 from mmrec import stages
 from orchestration import checks
+from orchestration.distributed import launch_stage, replay_log
 from orchestration.resources import ComputeResource, MlflowResource, PipelineResource, VariantTracker
 
 GROUP = "mmrec"
@@ -157,11 +158,17 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
 
         cfg = compute.apply(pipeline.load())
         with mlflow.run(cfg, context, "pretrained_model", "+".join(sources)) as run:
-            res = stages.pretrained_model(cfg, progress=False, tracker=run.tracker)
-            ms.log_training_plots(run.tracker, Path(res.metadata["run_dir"]))
-        info = res.metadata
+            if compute.nproc > 1:  # torchrun through Dagster Pipes; the run's log replayed into MLflow
+                path, info = launch_stage(context, "pretrained_model", cfg.config_path, compute.nproc,
+                                          device=compute.device, threads=compute.threads)
+                replay_log(run.tracker, Path(info["run_dir"]))
+            else:
+                res = stages.pretrained_model(cfg, progress=False, tracker=run.tracker)
+                path, info = res.path, res.metadata
+            ms.log_training_plots(run.tracker, Path(info["run_dir"]))
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(res.path)),
+            "path": dg.MetadataValue.path(str(path)),
+            "processes": int(info.get("world_size", 1)),
             "sources": ", ".join(info["sources"]),
             **_floats(info["valid_metrics"], "valid "),
             "best_step": int(info["best_step"]),
@@ -179,15 +186,24 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
         from orchestration import mlflow_support as ms
 
         cfg = compute.apply(pipeline.load())
-        with mlflow.run(cfg, context, "finetuned_model", context.partition_key) as run:
-            res = stages.finetuned_model(cfg, context.partition_key, progress=False, tracker=VariantTracker(run.tracker))
-            for name, info in res.metadata["variants"].items():
+        domain = context.partition_key
+        with mlflow.run(cfg, context, "finetuned_model", domain) as run:
+            if compute.nproc > 1:  # torchrun through Dagster Pipes; each variant's log replayed into MLflow
+                path, summary = launch_stage(context, "finetuned_model", cfg.config_path, compute.nproc, domain=domain,
+                                             device=compute.device, threads=compute.threads)
+                for name, info in summary["variants"].items():
+                    replay_log(run.tracker, Path(info["run_dir"]), prefix=f"{name}/")  # as VariantTracker names them
+            else:
+                res = stages.finetuned_model(cfg, domain, progress=False, tracker=VariantTracker(run.tracker))
+                path, summary = res.path, res.metadata
+            for name, info in summary["variants"].items():
                 ms.log_training_plots(run.tracker, Path(info["run_dir"]), prefix=f"plots/{name}")
-        variants = res.metadata["variants"]
+        variants = summary["variants"]
         return dg.MaterializeResult(metadata={
-            "path": dg.MetadataValue.path(str(res.path)),
-            "model": dg.MetadataValue.path(str(res.path / "model")),
-            "transfer": res.metadata["transfer"]["part"],
+            "path": dg.MetadataValue.path(str(path)),
+            "model": dg.MetadataValue.path(str(path / "model")),
+            "processes": int(variants["model"].get("world_size", 1)),
+            "transfer": summary["transfer"]["part"],
             **_floats(variants["model"]["valid_metrics"], "valid "),
             "validation metrics": dg.MetadataValue.md(_metrics_md({n: v["valid_metrics"] for n, v in variants.items()})),
             **_run_metadata(run),

@@ -90,6 +90,10 @@ class ComputeResource(dg.ConfigurableResource):
     config's ``compute.device`` (the same setting as ``mmrec --device``)."""
     threads: int = 1
     """``torch.set_num_threads``: small models lose from threading on a small machine."""
+    nproc: int = 1
+    """Processes for the training assets (``pretrained_model``, ``finetuned_model``): above 1 the
+    stage runs as a distributed run (``torchrun`` through Dagster Pipes, ``orchestration.distributed``;
+    ``threads`` per process); 1 runs it in the step's own process."""
 
     def apply(self, cfg: PipelineConfig) -> PipelineConfig:
         """Apply the thread count to this process and return ``cfg`` with this resource's device
@@ -99,6 +103,8 @@ class ComputeResource(dg.ConfigurableResource):
 
         if self.threads < 1:
             raise dg.Failure(f"ComputeResource.threads must be >= 1, got {self.threads}")
+        if self.nproc < 1:
+            raise dg.Failure(f"ComputeResource.nproc must be >= 1, got {self.nproc}")
         try:
             if self.device is not None:
                 cfg = cfg.with_device(self.device)
