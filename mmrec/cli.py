@@ -161,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo_data", "Generate the built-in synthetic multi-domain demo data into the raw data folder.", domains=False, seed=False)
     add("raw_catalog", "Import each domain's raw data into the catalog contract.")
     add("validated_catalog", "Validate each raw catalog (Great Expectations) and preprocess it as in the papers.")
-    add("item_features", "Compute (or read from the feature cache) the frozen encoder outputs of every item.")
-    nproc_help = ("train with N processes (torchrun, DistributedDataParallel: gloo on CPU, nccl on GPU; the same "
-                  "global batch, split across them); default 1: no process group")
-    for sp in (add("pretrained_model", "Pretrain the recommender on all source domains together.", domains=False),
+    nproc_help = ("run on N processes under torchrun: training with DistributedDataParallel (gloo on CPU, nccl on "
+                  "GPU; the same global batch, split across them), item_features as N cache shards and one merge; "
+                  "default 1: no process group")
+    for sp in (add("item_features", "Compute (or read from the feature cache) the frozen encoder outputs of every item."),
+               add("pretrained_model", "Pretrain the recommender on all source domains together.", domains=False),
                add("finetuned_model", "Fine-tune the pretrained model on each target domain, with the configured baselines.")):
         sp.add_argument("--nproc", type=int, default=1, help=nproc_help)
     add("evaluation", "Full-ranking test metrics of the fine-tuned model, its baselines and zero-shot.")
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmrec {args.command}: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
         return 2
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # the launcher: torchrun runs this command N times
-        from mmrec.distributed import launch
+        from mmrec.launch import launch
 
         return launch(nproc, ["mmrec", *_without_nproc(argv)])
     from mmrec.config import ConfigError, load_config
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n".join(f"- {line}" for line in stages.paired_gap_lines({0: stages.read_ranks(cfg, name)})) + "\n")
             return 0
         todo = stages.STAGES if args.command == "run" else (args.command,)
-        if args.command in ("pretrained_model", "finetuned_model") and os.environ.get("WORLD_SIZE", "1") != "1":
+        if args.command in ("item_features", "pretrained_model", "finetuned_model") and os.environ.get("WORLD_SIZE", "1") != "1":
             return _run_distributed(cfg, args.command, getattr(args, "domain", None), args.quiet)
         for stage in todo:
             _run_stage(cfg, stage, getattr(args, "domain", None), args.quiet)

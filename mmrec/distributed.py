@@ -40,15 +40,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import shlex
-import subprocess
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mmrec.launch import launch, torchrun_command  # noqa: F401 (re-exported; the CLI imports mmrec.launch, without torch)
 
 ENV_WORLD = "WORLD_SIZE"
 ENV_RANK = "RANK"
@@ -238,22 +237,3 @@ def wrap(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(LossForward(model), device_ids=ids, forward_sync_buffers=False,
                                                find_unused_parameters=False)
 
-
-# -- launching ----------------------------------------------------------------------------------
-def torchrun_command(nproc: int, module_args: Sequence[str], python: str | None = None) -> list[str]:
-    """The ``torchrun`` command line that runs ``python -m <module_args>`` on ``nproc`` local
-    processes (``--standalone``: one node, a free port chosen by the rendezvous)."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
-    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", *module_args]
-
-
-def launch(nproc: int, module_args: Sequence[str], env: dict[str, str] | None = None) -> int:
-    """Run ``python -m <module_args>`` under torchrun with ``nproc`` processes; returns its exit code.
-    Each process uses one CPU thread unless ``OMP_NUM_THREADS`` says otherwise."""
-    cmd = torchrun_command(nproc, module_args)
-    full_env = {**os.environ, **(env or {})}
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    print(f"launching: {shlex.join(cmd)}", file=sys.stderr)
-    return subprocess.run(cmd, env=full_env, check=False).returncode

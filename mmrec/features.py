@@ -71,6 +71,52 @@ def build_item_features(catalog: Catalog, model_cfg, cache_dir: Path | None, tex
     return content, meta
 
 
+def build_item_features_sharded(catalog: Catalog, model_cfg, cache_dir: Path, worker: int, n_workers: int,
+                                text_batch_size: int = 64, image_batch_size: int = 32, num_workers: int = 0,
+                                device: torch.device | str = "cpu", chunk_size: int = 10_000) -> dict[str, Any]:
+    """Worker ``worker`` of ``n_workers``: encode its slice of ``catalog``'s items into its own shard
+    of the feature cache (``mmrec.encoders.shards``; resumable by chunk). After every worker,
+    ``merge_item_feature_shards`` once, then ``build_item_features`` finds every item cached."""
+    from mmrec.encoders.shards import build_shard
+
+    items = catalog.items.sort("item_idx")
+    keys = items["item_id"].to_list()
+    report: dict[str, Any] = {}
+    modalities = model_cfg.item_tower.modalities
+    if "text" in modalities:
+        from mmrec.encoders.text import TextEncoder
+
+        texts = items.select(catalog.text().alias("t"))["t"].to_list()
+        enc = TextEncoder(model_cfg.text_encoder).to(device)
+        report["text"] = build_shard("text", enc, texts, keys, cache_dir, worker, n_workers, chunk_size,
+                                     batch_size=text_batch_size)
+    if "image" in modalities:
+        from mmrec.encoders.image import ImageEncoder
+
+        enc = ImageEncoder(model_cfg.image_encoder).to(device)
+        report["image"] = build_shard("image", enc, items["image"].to_list(), keys, cache_dir, worker, n_workers,
+                                      chunk_size, store=catalog.images, batch_size=image_batch_size,
+                                      num_workers=num_workers)
+    return report
+
+
+def merge_item_feature_shards(model_cfg, cache_dir: Path, n_workers: int) -> dict[str, Any]:
+    """Merge the shards of ``build_item_features_sharded`` into the shared cache, per modality."""
+    from mmrec.encoders.shards import merge_shards
+
+    out: dict[str, Any] = {}
+    modalities = model_cfg.item_tower.modalities
+    if "text" in modalities:
+        from mmrec.encoders.text import TextEncoder
+
+        out["text"] = merge_shards("text", TextEncoder(model_cfg.text_encoder), cache_dir, n_workers)
+    if "image" in modalities:
+        from mmrec.encoders.image import ImageEncoder
+
+        out["image"] = merge_shards("image", ImageEncoder(model_cfg.image_encoder), cache_dir, n_workers)
+    return out
+
+
 def _stats(s) -> dict[str, Any]:
     return {"hits": s.hits, "computed": s.computed, "absent": s.absent, "seconds": round(s.seconds, 3),
             "items_per_s": round(s.items_per_s, 1) if s.seconds > 0 else None}

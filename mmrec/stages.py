@@ -208,12 +208,25 @@ def item_features(cfg: PipelineConfig, domain: str, progress: bool = True) -> St
     """Run the item tower's frozen encoders over one validated catalog (through the feature cache)."""
     from mmrec.features import build_item_features, save_content
 
+    from mmrec.distributed import barrier, world
+
     d = cfg.domain(domain)
     catalog = Catalog.read(cfg.artifact_path("validated_catalog", d.name) / "catalog")
     fc = cfg.features()
-    content, meta = build_item_features(catalog, cfg.model(), cfg.resolve(fc.cache_dir), fc.text_batch_size,
+    cache_dir, out = cfg.resolve(fc.cache_dir), cfg.artifact_path("item_features", d.name)
+    rank, size = world()
+    if size > 1:  # under torchrun (--nproc): every rank encodes its shard of the items, rank 0 merges
+        from mmrec.features import build_item_features_sharded, merge_item_feature_shards
+
+        build_item_features_sharded(catalog, cfg.model(), cache_dir, rank, size, fc.text_batch_size, fc.image_batch_size,
+                                    fc.num_workers, device=cfg.device())
+        barrier()
+        if rank != 0:
+            return StageResult("item_features", d.name, out, {"world_size": size})
+        merge_item_feature_shards(cfg.model(), cache_dir, size)
+    content, meta = build_item_features(catalog, cfg.model(), cache_dir, fc.text_batch_size,
                                         fc.image_batch_size, fc.num_workers, progress, device=cfg.device())
-    out = save_content(content, cfg.artifact_path("item_features", d.name), meta)
+    out = save_content(content, out, meta)
     return StageResult("item_features", d.name, out, meta)
 
 
