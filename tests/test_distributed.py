@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +37,12 @@ def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProce
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _rank_main(rank: int, size: int, port: int, out: Path, die_at: int | None, errors) -> None:
+def _rank_main(rank: int, size: int, port: int, fn, args: tuple, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(size))
-    from tests.distributed_worker import run
-
     try:
         distributed.init_from_env()
-        run(out, die_at)
+        fn(*args)
     except BaseException as exc:
         errors.put((rank, f"{type(exc).__name__}: {exc}"))
         raise
@@ -51,23 +50,32 @@ def _rank_main(rank: int, size: int, port: int, out: Path, die_at: int | None, e
         distributed.shutdown()
 
 
-def forked_ranks(out: Path, die_at: int | None = None, size: int = 2) -> tuple[list[int], dict[int, str]]:
-    """The worker's ``run`` on ``size`` forked gloo ranks (what torchrun does, without starting and
-    importing fresh interpreters: a few seconds instead of ~15 on 2 busy cores); returns every
-    rank's exit code and the errors ranks raised."""
+def _fit(out: Path, die_at: int | None = None) -> None:
+    from tests.distributed_worker import run
+
+    run(out, die_at)
+
+
+def forked_ranks(out: Path, die_at: int | None = None, size: int = 2, fn=None, args: tuple | None = None,
+                 start: str = "fork") -> tuple[list[int], dict[int, str]]:
+    """``fn(*args)`` (default: the worker's tiny fit into ``out``) on ``size`` forked gloo ranks (what
+    torchrun does, without starting and importing fresh interpreters: a few seconds instead of ~15
+    on 2 busy cores); returns every rank's exit code and the errors ranks raised. ``start="spawn"``
+    for work that runs a tokenizer: a forked copy of a process whose tokenizer pool already ran hangs."""
     import multiprocessing as mp
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start)
     errors = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, port, out, die_at, errors)) for r in range(size)]
+    fn, args = (fn, args) if fn is not None else (_fit, (out, die_at))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, port, fn, args, errors)) for r in range(size)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(240)
+        p.join(180)
         if p.exitcode is None:
             p.kill()
             p.join()
@@ -151,8 +159,6 @@ def test_torchrun_fails_loudly_on_a_killed_rank_and_the_rerun_resumes(runs, tmp_
 
 
 def test_a_distributed_checkpoint_does_not_resume_in_one_process(runs, tmp_path):
-    import shutil
-
     from tests.distributed_worker import run
 
     shutil.copytree(runs["root"] / "two" / "run", tmp_path / "run")
@@ -196,3 +202,29 @@ def test_cli_rejects_a_bad_nproc(capsys):
 
     assert main(["pretrained_model", "--nproc", "0"]) == 2
     assert "--nproc must be >= 1" in capsys.readouterr().err
+
+
+def test_item_features_stage_on_two_ranks_equals_one_process(tmp_path):
+    """``mmrec item_features --nproc 2``: each rank encodes its shard, rank 0 merges and writes the
+    artifact; the features equal a one-process build."""
+    from safetensors.torch import load_file
+
+    from mmrec import stages
+    from mmrec.config import load_config
+    from mmrec.data.synthetic import generate_demo
+    from tests.orchestration.test_assets import write_tiny_project
+
+    cfg = load_config(write_tiny_project(tmp_path))
+    generate_demo(cfg.demo, cfg.demo_path, progress=False)
+    stages.raw_catalog(cfg, "books", progress=False)
+    stages.validated_catalog(cfg, "books", progress=False)
+    one = stages.item_features(cfg, "books", progress=False)
+    expected = load_file(one.path / "features.safetensors")
+    shutil.rmtree(one.path)
+    shutil.rmtree(cfg.resolve(cfg.features().cache_dir))
+    codes, errors = forked_ranks(tmp_path, fn=stages.item_features, args=(cfg, "books", False), start="spawn")
+    assert codes == [0, 0], errors
+    got = load_file(one.path / "features.safetensors")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not (cfg.resolve(cfg.features().cache_dir) / "shards").exists()  # merged and cleaned

@@ -20,6 +20,7 @@ already holds only when its own chunk files are gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -128,4 +129,6 @@ def merge_shards(modality: str, encoder, cache_dir: Path, n_workers: int) -> dic
     if keys:
         shared.append(keys, {name: torch.cat(ts) for name, ts in parts.items()})
     shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the shards folder too, once no other build has one there
+        root.parent.rmdir()
     return {"added": len(keys), "rows": shared.rows}
