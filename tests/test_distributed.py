@@ -40,6 +40,9 @@ def torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProce
 def _rank_main(rank: int, size: int, port: int, fn, args: tuple, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(size))
+    import torch
+
+    torch.set_num_threads(1)  # as under torchrun (OMP_NUM_THREADS=1) and in this test process
     try:
         distributed.init_from_env()
         fn(*args)
@@ -226,5 +229,9 @@ def test_item_features_stage_on_two_ranks_equals_one_process(tmp_path):
     assert codes == [0, 0], errors
     got = load_file(one.path / "features.safetensors")
     assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    for k, t in expected.items():  # float16 encoder outputs of another process: equal up to float16 rounding
+        if t.is_floating_point():
+            torch.testing.assert_close(got[k].float(), t.float(), rtol=1e-2, atol=1e-3, msg=k)
+        else:
+            assert torch.equal(got[k], t), k
     assert not (cfg.resolve(cfg.features().cache_dir) / "shards").exists()  # merged and cleaned
