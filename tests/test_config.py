@@ -356,6 +356,24 @@ def test_repo_real_config_loads():
     assert cfg.resolve(movies.source.path) == (REPO.parent / "shared" / "datasets" / "movielens-100k").resolve()
 
 
+def test_repo_amazon_target_config_swaps_the_roles_and_shares_the_feature_cache():
+    amazon, real = load_config(REPO / "configs" / "amazon.yaml"), load_config(REPO / "configs" / "real.yaml")
+    assert [(d.name, d.role) for d in amazon.domains] == [("movielens_100k", "source"), ("amazon_instrument", "target")]
+    assert amazon.artifacts == REPO.resolve() / "artifacts" / "amazon" != real.artifacts
+    # the frozen encoder outputs of both real domains are computed once, whichever config runs first
+    assert amazon.features().cache_dir == real.features().cache_dir
+    assert amazon.preprocess == real.preprocess
+    assert set(amazon.evaluation().baselines) == {"scratch", "sasrec", "id_tower", "zero_shot"}
+    assert amazon.train("finetune").epochs == 40 and amazon.train("finetune").patience == 5
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_pipeline_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.domains and cfg.model() is not None
+
+
 # -- presets and the model stages' sections
 def test_preset_is_merged_underneath_recursively(tmp_path):
     (tmp_path / "configs" / "presets").mkdir(parents=True)
