@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PORT ?= 5001
 
-.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve compare clean
+.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve compare bench-epoch clean
 
 install: $(STAMP)
 
@@ -88,6 +88,13 @@ $(RECBOLE_VENV)/.installed:
 
 compare: install $(RECBOLE_VENV)/.installed
 	$(BIN)/mmrec compare --config $(CONFIG) $(foreach s,$(SEEDS),--seed $(s))
+
+# Seconds per training epoch (optimizer steps only) of the content model and the in-tree SASRec
+# against RecBole's SASRec on the same split, machine and threads (benchmarks/epoch_time.py);
+# needs validated_catalog + item_features of DOMAIN, e.g.
+# make bench-epoch CONFIG=configs/amazon.yaml DOMAIN=amazon_instrument
+bench-epoch: install $(RECBOLE_VENV)/.installed
+	$(BIN)/python benchmarks/epoch_time.py --config $(CONFIG) --domain $(DOMAIN) --threads $(or $(THREADS),1) --epochs $(or $(EPOCHS),1)
 
 clean:
 	rm -rf artifacts bench_out .dvcstore .dagster_home mlflow
