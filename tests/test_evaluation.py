@@ -237,3 +237,15 @@ def test_scale_bounded_and_fast():
         keep[list(removed)] = False
         keep[targets[i]] = False
         assert r[i] == 1 + int((s[keep] >= s[targets[i]]).sum())
+
+
+def test_config_accepts_exactly_the_history_modes_evaluation_implements():
+    # mmrec.config keeps its own copy (it must not import torch); the two must not drift apart
+    from mmrec import config, evaluation
+
+    assert config.HISTORY_MODES == evaluation.HISTORY_MODES
+    for mode in config.HISTORY_MODES:
+        assert config.EvaluationConfig(history=mode).history == mode
+        ranks(torch.eye(3)[1:], torch.eye(3), [[1], [2]], torch.tensor([2, 1]), history=mode)
+    with pytest.raises(ValueError, match="history must be one of"):
+        config.EvaluationConfig(history="all_but_target")
