@@ -100,7 +100,6 @@ def main(argv=None) -> int:
                    help="RecBole's environment (`make compare` builds it); the RecBole row is skipped when missing")
     args = p.parse_args(argv)
 
-    import polars as pl
     import torch
 
     from mmrec import stages
@@ -108,7 +107,6 @@ def main(argv=None) -> int:
     from mmrec.io import write_json
 
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     cfg = load_config(args.config)
     name = cfg.domain(args.domain).name
     variants = stages._variants(cfg)  # noqa: SLF001 (the stage's own recipes)
