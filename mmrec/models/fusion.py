@@ -17,8 +17,11 @@ Design choices
     * ``merge_attention`` adds a learned modality-type embedding (text, image) to every token before
       the layer. PMMRec's official code computed such embeddings and never added them; here they
       are used (a test checks that they change the output). The layer is post-LN with GELU (a BERT
-      layer, as in PMMRec). Each token attends only to valid tokens (and itself, so that padding
-      rows are finite); pooling averages the outputs at valid tokens only.
+      layer, as in PMMRec). Each token attends only to valid tokens; pooling averages the outputs
+      at valid tokens only. Padding is never computed on: columns no item of the batch fills are
+      dropped and the layer's per-token work runs packed on the valid tokens (``TransformerBlock``
+      with ``valid``), which gives the padded layer's item vectors for about half the work on real
+      titles (Amazon-Instrument: 19.3 valid of 32 text tokens, no image tokens).
     * ``gated`` is symmetric cross-gating: each modality gates the other's projection and the two
       are summed, ``sigmoid(A t) * B v + sigmoid(C v) * D t`` (the PMMRec form ``sigmoid(Wx) * Wy``
       applied in both directions, so neither modality is privileged).
@@ -210,8 +213,11 @@ class MergeAttentionFusion(Fusion):
             dim=1,
         )  # (B, T, d)
         tokens = tokens.masked_fill(~valid[..., None], 0.0)  # (B, T, d) missing content never read
-        h = self.layer(tokens, attention_mask(valid, causal=False))  # (B, T, d)
-        h = h.masked_fill(~valid[..., None], 0.0)  # (B, T, d)
+        used = valid.any(dim=0)  # (T,) columns some item of the batch fills (e.g. no image columns on a text-only batch)
+        if not bool(used.all()):
+            tokens, valid = tokens[:, used], valid[:, used]  # (B, T', d), (B, T')
+        # packed: the layer's per-token work runs on valid tokens only (padding is ~half the text grid)
+        h = self.layer(tokens, attention_mask(valid, causal=False), valid=valid)  # (B, T', d) zero where invalid
         count = valid.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
         return h.sum(dim=1) / count  # (B, d)
 

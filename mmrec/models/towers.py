@@ -125,7 +125,7 @@ class TextPath(nn.Module):
             hidden = self.encoder.bottom(rows["input_ids"], mask)  # (M, T, H)
         tokens = self.encoder.top(hidden, mask)  # (M, T, H)
         pooled = self.encoder.pool(tokens, mask)  # (M, H)
-        return self.proj(tokens), mask.bool(), self.proj(pooled)  # (M, T, d), (M, T), (M, d)
+        return _project_valid(self.proj, tokens, mask.bool()), mask.bool(), self.proj(pooled)  # (M, T, d), (M, T), (M, d)
 
 
 class ImagePath(nn.Module):
@@ -151,6 +151,15 @@ class ImagePath(nn.Module):
             tokens, pooled = self.encoder.top(hidden)  # (M, g*g, C), (M, C)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return self.proj(tokens), mask, self.proj(pooled)
+
+
+def _project_valid(proj: nn.Linear, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``proj`` of the valid tokens ``(M, T, H) -> (M, T, d)``; padding positions are zero (every
+    consumer of token sequences masks them), so titles shorter than T cost only their length."""
+    m, length, hidden = tokens.shape
+    rows = mask.reshape(-1).nonzero(as_tuple=True)[0]  # (N,)
+    out = proj(tokens.reshape(-1, hidden).index_select(0, rows))  # (N, d)
+    return out.new_zeros(m * length, out.shape[1]).index_copy(0, rows, out).view(m, length, -1)  # (M, T, d)
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,14 +147,18 @@ class MultiHeadSelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        b, length, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=-1)  # 3 x (B, L, d)
+        return self.out(self.attend(self.qkv(x), allowed))  # (B, L, d)
+
+    def attend(self, qkv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention over already projected ``qkv (B, L, 3d)``; ``(B, L, d)`` before the output projection."""
+        b, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(dim, dim=-1)  # 3 x (B, L, d)
         heads = (b, length, self.n_heads, dim // self.n_heads)
         q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d/H)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, L, d/H)
-        return self.out(y.transpose(1, 2).reshape(b, length, dim))  # (B, L, d)
+        return y.transpose(1, 2).reshape(b, length, dim)  # (B, L, d)
 
 
 class Adapter(nn.Module):
@@ -203,9 +207,24 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_adapter(self.dropout(self.attn(x, allowed))))  # (B, L, d)
-        return self.ffn_norm(x + self.ffn_adapter(self.dropout(self.ffn(x))))  # (B, L, d)
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B, L, d)`` -> ``(B, L, d)``. With ``valid (B, L)`` the per-token sublayers (attention
+        projections, FFN, norms, dropout) run on the valid tokens only and the attention on the padded
+        grid: the valid outputs equal the unpacked block's as long as ``allowed`` lets no valid query
+        attend an invalid key (``attention_mask`` guarantees it); invalid positions come back zero.
+        Worth it where much of the grid is padding (the fusion's token grid)."""
+        if valid is None:
+            x = self.attn_norm(x + self.attn_adapter(self.dropout(self.attn(x, allowed))))  # (B, L, d)
+            return self.ffn_norm(x + self.ffn_adapter(self.dropout(self.ffn(x))))  # (B, L, d)
+        b, length, dim = x.shape
+        rows = valid.reshape(-1).nonzero(as_tuple=True)[0]  # (N,) flat indices of the valid tokens
+        xv = x.reshape(-1, dim).index_select(0, rows)  # (N, d)
+        qkv = self.attn.qkv(xv)  # (N, 3d)
+        grid = qkv.new_zeros(b * length, qkv.shape[1]).index_copy(0, rows, qkv).view(b, length, -1)  # (B, L, 3d)
+        y = self.attn.attend(grid, allowed).reshape(-1, dim).index_select(0, rows)  # (N, d)
+        xv = self.attn_norm(xv + self.attn_adapter(self.dropout(self.attn.out(y))))  # (N, d)
+        xv = self.ffn_norm(xv + self.ffn_adapter(self.dropout(self.ffn(xv))))  # (N, d)
+        return xv.new_zeros(b * length, dim).index_copy(0, rows, xv).view(b, length, dim)  # (B, L, d)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -214,3 +214,32 @@ def test_merge_attention_default_masks_mean_all_tokens_valid():
 def test_flags_with_wrong_shape_are_refused():
     with pytest.raises(ValueError, match="shape"):
         make_fusion("sum")(**make_views(), has_text=torch.ones(B + 1, dtype=torch.bool))
+
+
+def padded_merge_attention(f: MergeAttentionFusion, views: dict[str, torch.Tensor], has_text, has_image) -> torch.Tensor:
+    """The merge-attention layer on the full padded token grid (no packing, no dropped columns)."""
+    from mmrec.models.user_encoders import attention_mask
+
+    valid = torch.cat([views["text_mask"] & has_text[:, None], views["image_mask"] & has_image[:, None]], dim=1)
+    tokens = torch.cat([views["text_tokens"] + f.modality_type.weight[f.TEXT],
+                        views["image_tokens"] + f.modality_type.weight[f.IMAGE]], dim=1)
+    tokens = tokens.masked_fill(~valid[..., None], 0.0)
+    h = f.layer(tokens, attention_mask(valid, causal=False)).masked_fill(~valid[..., None], 0.0)
+    return h.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+@pytest.mark.parametrize("images", ["mixed", "none"])
+def test_merge_attention_packed_equals_the_padded_layer(images):
+    """Packing (per-token work on valid tokens only) and dropping columns no item fills (a text-only
+    batch's image block) change the cost, not the item vectors or the gradients."""
+    f = make_fusion("merge_attention").eval()
+    views = make_views()
+    has_image = HAS_IMAGE if images == "mixed" else torch.zeros_like(HAS_IMAGE)
+    has_text = HAS_TEXT if images == "mixed" else torch.ones_like(HAS_TEXT)
+    ref = padded_merge_attention(f, views, has_text, has_image)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), list(f.parameters()), allow_unused=True)
+    out = f(**views, has_text=has_text, has_image=has_image)
+    assert torch.allclose(out, ref, atol=1e-5)
+    grads = torch.autograd.grad(out.pow(2).sum(), list(f.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None and r is None) or (r is None and not g.any()) or torch.allclose(g, r, atol=1e-5)

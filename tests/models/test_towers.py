@@ -97,3 +97,18 @@ def test_id_tower_refuses_another_catalog_size():
     t = tower("id")
     with pytest.raises(ValueError, match="do not transfer"):
         t(raw_content(n=N + 1), torch.tensor([1]))
+
+
+def test_text_path_projects_valid_tokens_only():
+    """Padding token positions come back zero (every consumer masks them); valid ones are proj(hidden)."""
+    from mmrec.models.towers import _project_valid
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(12, 5)
+    tokens = torch.randn(4, 6, 12)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 2, 1, 4])[:, None]
+    tokens[~mask] = float("nan")  # padding content is never read
+    out = _project_valid(proj, tokens, mask)
+    assert out.shape == (4, 6, 5)
+    assert torch.allclose(out[mask], proj(tokens[mask]))
+    assert (out[~mask] == 0).all()

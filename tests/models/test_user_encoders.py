@@ -293,3 +293,28 @@ def test_sasrec_last_item_does_not_change_earlier_but_transrec_does():
     sas, trans = make_encoder("sasrec").eval(), make_encoder("transrec").eval()
     torch.testing.assert_close(sas(x2, mask)[0, :3], sas(x, mask)[0, :3], atol=1e-6, rtol=0)
     assert not torch.allclose(trans(x2, mask)[0, :3], trans(x, mask)[0, :3], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- packed block
+
+
+def test_packed_block_equals_the_padded_block_at_valid_positions():
+    """``TransformerBlock(..., valid=)`` runs its per-token work on valid tokens only: the valid outputs
+    and every parameter gradient equal the padded block's; invalid positions come back zero."""
+    from mmrec.models.user_encoders import TransformerBlock
+
+    torch.manual_seed(0)
+    block = TransformerBlock(D, 2, 4 * D, dropout=0.1, activation="gelu", adapter_dim=4).eval()
+    x = torch.randn(5, 7, D)
+    valid = torch.arange(7)[None, :] < torch.tensor([7, 3, 1, 5, 2])[:, None]  # (5, 7) right-padded
+    valid[3, 1] = False  # a hole in the middle (a missing modality's block)
+    allowed = attention_mask(valid, causal=False)
+    ref = block(x, allowed)
+    ref_loss = (ref * valid[..., None]).pow(2).sum()
+    ref_grads = torch.autograd.grad(ref_loss, list(block.parameters()))
+    packed = block(x, allowed, valid=valid)
+    assert torch.allclose(packed[valid], ref[valid], atol=1e-5)
+    assert (packed[~valid] == 0).all()
+    grads = torch.autograd.grad(packed.pow(2).sum(), list(block.parameters()))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
