@@ -72,12 +72,20 @@ class DomainConfig:
     """``source`` domains feed pretraining; ``target`` domains are fine-tuned and evaluated."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """This domain's validation thresholds (the top-level section merged with the domain's own)."""
+    user_fraction: float = 1.0
+    """Share of the domain's users kept by preprocessing, in (0, 1]: a fixed-seed sample of the users
+    the length filter kept, nested across shares (``mmrec.data.preprocess.sample_users``). For
+    data-size studies (``make experiments``); 1.0 keeps every user."""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or not self.name.replace("-", "_").replace(".", "_").isidentifier():
             raise ValueError(f"domain name must be a simple identifier-like name, got {self.name!r}")
         if self.role not in ("source", "target"):
             raise ValueError(f"domain {self.name!r}: role must be 'source' or 'target', got {self.role!r}")
+        f = self.user_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ValueError(f"domain {self.name!r}: user_fraction must be in (0, 1], got {f!r}")
+        object.__setattr__(self, "user_fraction", float(f))
 
 
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"

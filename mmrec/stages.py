@@ -87,7 +87,7 @@ def validated_catalog(cfg: PipelineConfig, domain: str, progress: bool = True) -
     if not report.passed:
         report.write(failed_path)
         raise ValidationError(report, failed_path)
-    pre = preprocess(clean, cfg.preprocess)
+    pre = preprocess(clean, cfg.preprocess, d.user_fraction)
     report.preprocessing = pre.changes  # repeats, short users, the L+3 cut: counted in validation.md
     stats = {
         **report.stats,

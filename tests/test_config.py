@@ -152,7 +152,7 @@ UNKNOWN = {
     "preprocess": ("preprocess: {max_len: 3}\ndomains: [{name: d, source: {format: t, path: p}}]\n",
                    r"preprocess: unknown key\(s\) \['max_len'\]; valid keys: \['max_seq_len', 'min_seq_len', 'repeats'\]"),
     "domain": ("domains: [{name: d, rol: source, source: {format: t, path: p}}]\n",
-               r"domains\[0\] \(d\): unknown key\(s\) \['rol'\]; valid keys: \['name', 'role', 'source', 'validation'\]"),
+               r"domains\[0\] \(d\): unknown key\(s\) \['rol'\]; valid keys: \['name', 'role', 'source', 'user_fraction', 'validation'\]"),
     "domain-mapping": ("domains: {d: {rol: source, source: {format: t, path: p}}}\n",
                        r"domains\[0\] \(d\): unknown key\(s\) \['rol'\]"),
     "source": ("domains: [{name: d, source: {format: t, path: p, opts: {}}}]\n",
@@ -440,3 +440,12 @@ def test_with_seed_rejects_what_is_not_a_seed(tmp_path, seed):
     cfg = load_config(_write(tmp_path, LIST_FORM))
     with pytest.raises(ConfigError, match="seed must be a non-negative integer"):
         cfg.with_seed(seed)
+
+
+def test_domain_user_fraction_is_validated(tmp_path):
+    cfg = load_config(_write(tmp_path, "domains: [{name: d, source: {format: t, path: p}, user_fraction: 0.25}]\n"))
+    assert cfg.domain("d").user_fraction == 0.25
+    assert load_config(_write(tmp_path, "domains: [{name: d, source: {format: t, path: p}}]\n")).domain("d").user_fraction == 1.0
+    for bad in ("0", "1.5", "-1", "true"):
+        with pytest.raises(ConfigError, match="user_fraction must be in"):
+            load_config(_write(tmp_path, f"domains: [{{name: d, source: {{format: t, path: p}}, user_fraction: {bad}}}]\n"))

@@ -98,6 +98,19 @@ def test_quarantine_mode_continues_with_counts(tmp_path):
     assert res.metadata["after_preprocess"]["interactions"] == 25  # the bad row is gone, the rest kept
 
 
+
+def test_validated_catalog_keeps_the_domains_user_fraction(tmp_path):
+    path = _config(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["domains"]["shop"]["user_fraction"] = 0.4
+    path.write_text(yaml.safe_dump(spec))
+    cfg = load_config(path)
+    stages.raw_catalog(cfg, "shop", progress=False)
+    res = stages.validated_catalog(cfg, "shop", progress=False)
+    assert res.metadata["after_preprocess"]["users"] == 2  # ceil(0.4 * 5)
+    assert res.metadata["preprocessing"]["users_sampled_out"] == 3
+    assert "`user_fraction` 0.4 (a fixed-seed sample): 3 left out" in (res.path / "validation.md").read_text()
+
 def test_validated_catalog_needs_raw_catalog(tmp_path):
     cfg = load_config(_config(tmp_path))
     with pytest.raises(Exception, match="raw_catalog"):

@@ -7,12 +7,19 @@ user's last ``L + 3`` interactions; re-index items 1..N (0 is padding) and users
 both maps; split leave-one-out: train on ``seq[:-2]``, validate on ``seq[-2]``, test on
 ``seq[-1]``. Deterministic: ids are sorted before indexing, so the same catalog always gives the
 same indices. Every step's removals are counted (``Preprocessed.changes``) for the report.
+
+For data-size studies a domain may keep a share of its users (``user_fraction``, the domain's
+``user_fraction`` in the config): a fixed-seed sample of the users the length filter kept, nested
+(a smaller share is a subset of a larger one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
+import numpy as np
 import polars as pl
 
 from mmrec.data.catalog import Catalog
@@ -20,6 +27,10 @@ from mmrec.data.catalog import Catalog
 PAD = 0
 
 REPEATS = ("keep", "drop_consecutive", "drop_all")
+
+USER_SAMPLE_SEED = 0
+"""Seed of the permutation ``sample_users`` draws (fixed: every run of a data-size study sees the
+same users, whatever its training seed)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,22 @@ def drop_repeats(interactions: pl.DataFrame, policy: str) -> pl.DataFrame:
     raise ValueError(f"unknown repeats policy {policy!r}")
 
 
-def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
+def sample_users(user_ids: pl.Series, fraction: float) -> pl.Series:
+    """The first ``ceil(fraction * U)`` of ``user_ids`` in a permutation of their sorted order drawn
+    with ``USER_SAMPLE_SEED``: deterministic, at least one user, and nested (for the same users a
+    smaller ``fraction`` keeps a subset of what a larger one keeps)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"user_fraction must be in (0, 1], got {fraction!r}")
+    ids = user_ids.sort()
+    if fraction == 1.0:
+        return ids
+    order = np.random.default_rng(USER_SAMPLE_SEED).permutation(ids.len())
+    return ids.gather(np.sort(order[: math.ceil(fraction * ids.len())]))
+
+
+def preprocess(catalog: Catalog, cfg: PreprocessConfig, user_fraction: float = 1.0) -> Preprocessed:
+    """``catalog`` preprocessed by ``cfg``; with ``user_fraction < 1`` only a fixed-seed share of the
+    users long enough is kept (``sample_users``; counted in ``changes`` as ``users_sampled_out``)."""
     # most recent last: sort here rather than trust the caller (ties keep their source order)
     raw = catalog.interactions.sort(["user_id", "timestamp"], maintain_order=True)
     inter = drop_repeats(raw, cfg.repeats)
@@ -116,6 +142,8 @@ def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
             f"domain {catalog.domain!r}: no user has >= {cfg.min_seq_len} interactions "
             f"(preprocess.min_seq_len); longest has {lengths['len'].max()}{after}"
         )
+    n_long_enough = keep_users.len()
+    keep_users = sample_users(keep_users, user_fraction)
     long_enough = inter.filter(pl.col("user_id").is_in(keep_users.implode()))
     # stored order is (user, timestamp) with stable ties, so tail() keeps the most recent ones
     inter = long_enough.group_by("user_id", maintain_order=True).tail(cfg.keep_last)
@@ -124,11 +152,13 @@ def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
         "repeats_dropped": raw.height - lengths["len"].sum(),
         "users_with_repeats_dropped": repeated_users.height,
         "min_seq_len": cfg.min_seq_len,
-        "short_users_dropped": lengths.height - keep_users.len(),
-        "short_user_interactions_dropped": lengths["len"].sum() - long_enough.height,
+        "short_users_dropped": lengths.height - n_long_enough,
+        "short_user_interactions_dropped": lengths.filter(pl.col("len") < cfg.min_seq_len)["len"].sum(),
         "keep_last": cfg.keep_last,
         "older_interactions_cut": long_enough.height - inter.height,
     }
+    if user_fraction < 1.0:  # absent otherwise: a full domain's report and stats stay as they were
+        changes |= {"user_fraction": str(user_fraction), "users_sampled_out": n_long_enough - keep_users.len()}
 
     item_map = inter.select(pl.col("item_id").unique().sort()).with_row_index("item_idx", offset=1)
     user_map = inter.select(pl.col("user_id").unique().sort()).with_row_index("user_idx")
@@ -149,5 +179,5 @@ def preprocess(catalog: Catalog, cfg: PreprocessConfig) -> Preprocessed:
 
     items = catalog.items.join(item_map, on="item_id", how="inner").sort("item_idx")
     kept = Catalog(catalog.domain, items, inter, catalog.text_fields, catalog.images, catalog.source)
-    return Preprocessed(kept, item_map, user_map, splits, dropped_users=lengths.height - keep_users.len(),
+    return Preprocessed(kept, item_map, user_map, splits, dropped_users=lengths.height - n_long_enough,
                         changes={k: v if isinstance(v, str) else int(v) for k, v in changes.items()})

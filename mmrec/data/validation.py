@@ -207,6 +207,9 @@ class ValidationReport:
                 f"{p['short_users_dropped']} dropped, with {p['short_user_interactions_dropped']} interactions",
                 f"- older interactions beyond each user's last {p['keep_last']} (L+3): {p['older_interactions_cut']} cut",
             ]
+            if "users_sampled_out" in p:
+                out.append(f"- users outside the domain's `user_fraction` {p['user_fraction']} (a fixed-seed sample): "
+                           f"{p['users_sampled_out']} left out")
         return "\n".join(out) + "\n"
 
     def write(self, md_path: str | os.PathLike) -> Path:

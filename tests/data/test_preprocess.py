@@ -274,3 +274,34 @@ def test_what_each_step_removed_is_counted():
 def test_unknown_repeats_policy_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"repeats must be one of \['keep', 'drop_consecutive', 'drop_all'\], got 'dedup'"):
         PreprocessConfig(repeats="dedup")
+
+
+# -- user_fraction: a fixed-seed, nested share of the users the length filter kept
+def _many_users_catalog(n_users: int = 40) -> Catalog:
+    rows = [(f"u{u:02d}", f"i{(u + t) % 9}", t) for u in range(n_users) for t in range(4)]
+    rows += [("short", "i0", 0), ("short", "i1", 1)]  # dropped by the length filter, never sampled
+    return _catalog(rows, [f"i{i}" for i in range(9)])
+
+
+def test_user_fraction_keeps_a_nested_fixed_seed_share_of_long_enough_users():
+    cfg = PreprocessConfig(min_seq_len=3, max_seq_len=20)
+    full = preprocess(_many_users_catalog(), cfg)
+    assert "users_sampled_out" not in full.changes and full.user_map.height == 40  # 1.0: as before
+    kept = {}
+    for f in (0.1, 0.25, 0.5):
+        pre = preprocess(_many_users_catalog(), cfg, user_fraction=f)
+        kept[f] = set(pre.user_map["user_id"].to_list())
+        assert len(kept[f]) == {0.1: 4, 0.25: 10, 0.5: 20}[f]
+        assert pre.changes["users_sampled_out"] == 40 - len(kept[f]) and pre.changes["user_fraction"] == str(f)
+        assert pre.dropped_users == 1 and pre.changes["short_users_dropped"] == 1  # the short user, not the sampled-out
+        assert pre.user_map["user_idx"].to_list() == list(range(len(kept[f])))  # re-indexed 0..U'-1
+        assert set(pre.catalog.interactions["user_id"].unique().to_list()) == kept[f]
+        assert _outputs(preprocess(_many_users_catalog(), cfg, user_fraction=f)) == _outputs(pre)  # deterministic
+    assert kept[0.1] < kept[0.25] < kept[0.5]
+    assert kept[0.5] != {f"u{u:02d}" for u in range(20)}  # a random sample, not the first ids
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, True, "0.5"])
+def test_user_fraction_out_of_range_is_an_error(bad):
+    with pytest.raises(ValueError, match="user_fraction must be in"):
+        preprocess(_many_users_catalog(), PreprocessConfig(min_seq_len=3), user_fraction=bad)
