@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PORT ?= 5001
 
-.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve compare bench-epoch clean
+.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve compare bench-epoch experiments clean
 
 install: $(STAMP)
 
@@ -88,6 +88,15 @@ $(RECBOLE_VENV)/.installed:
 
 compare: install $(RECBOLE_VENV)/.installed
 	$(BIN)/mmrec compare --config $(CONFIG) $(foreach s,$(SEEDS),--seed $(s))
+
+# The experiment cells (experiments/cells.py: transfer vs scratch vs SASRec vs RecBole vs zero-shot, source
+# and target data size, modality / fusion / MoM and objective ablations, cold vs warm, training cost) of
+# CONFIG for SEEDS (default: the config's seed), each through the library stages in its own folder under
+# artifacts/experiments/; resumable (a cell whose record exists is skipped); then docs/RESULTS.md and
+# docs/results/<config>/*.png from every record. QUICK=1: every cell at toy size on the demo data (a test
+# of the script, not of the numbers). E.g. make experiments CONFIG=configs/amazon.yaml SEEDS="0 1"
+experiments: install
+	$(BIN)/python -m experiments --config $(CONFIG) $(foreach s,$(SEEDS),--seed $(s)) $(if $(QUICK),--quick) --threads $(or $(THREADS),1)
 
 # Seconds per training epoch (optimizer steps only) of the content model and the in-tree SASRec
 # against RecBole's SASRec on the same split, machine and threads (benchmarks/epoch_time.py);

@@ -1,0 +1,471 @@
+"""Records -> ``docs/RESULTS.md`` and PNG figures (``docs/results/<name>/*.png``).
+
+Everything here is read from the records ``experiments.run`` wrote (``<records>/plan.json``,
+``<cell>-seed<N>.json``, ``<cell>-seed<N>.ranks.parquet``); every table names the record files it
+comes from and their commits. Paired intervals are ``mmrec.compare``'s: per-user metrics from the
+ranks, averaged over the seeds both rows have, bootstrapped over users. Two rows are compared only
+when they rank the same test users (same target data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.cells import GROUPS, REPO
+
+MODEL_ORDER = ("finetuned", "scratch", "sasrec", "recbole_sasrec", "id_tower", "zero_shot")
+MODEL_LABEL = {
+    "finetuned": "pretrained, fine-tuned", "scratch": "same model from scratch", "sasrec": "in-tree ID SASRec",
+    "recbole_sasrec": "RecBole 1.2.1 SASRec", "id_tower": "our model with an ID tower", "zero_shot": "zero-shot",
+}
+METRIC = "NDCG@10"
+
+
+@dataclass
+class Results:
+    """One base config's plan and records."""
+
+    folder: Path
+    plan: dict[str, Any]
+    records: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    used: set[Path] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, folder: Path) -> Results:
+        plan = json.loads((folder / "plan.json").read_text())
+        out = cls(folder, plan)
+        for path in sorted(folder.glob("*-seed*.json")):
+            rec = json.loads(path.read_text())
+            rec["_path"] = path
+            out.records[(rec["cell"], int(rec["seed"]))] = rec
+        return out
+
+    @property
+    def name(self) -> str:
+        return self.plan["name"]
+
+    def seeds(self, cell: str) -> list[int]:
+        return sorted(s for c, s in self.records if c == cell)
+
+    def get(self, cell: str, seed: int) -> dict[str, Any]:
+        rec = self.records[(cell, seed)]
+        self.used.add(rec["_path"])
+        return rec
+
+    def model(self, cell: str, domain: str, model: str) -> dict[int, dict[str, Any]]:
+        """seed -> the model's entry in the cell's record (seeds where the cell has the model)."""
+        out = {}
+        for s in self.seeds(cell):
+            m = self.get(cell, s)["targets"].get(domain, {}).get("models", {}).get(model)
+            if m is not None:
+                out[s] = m
+        return out
+
+    def ranks(self, cell: str, seed: int, domain: str, model: str) -> np.ndarray | None:
+        import polars as pl
+
+        t = self.get(cell, seed)["targets"][domain]
+        path = REPO / t["ranks"]["path"] if not os.path.isabs(t["ranks"]["path"]) else Path(t["ranks"]["path"])
+        if not path.is_file():
+            return None
+        df = pl.read_parquet(path)
+        return df[model].to_numpy() if model in df.columns else None
+
+    def gap(self, a: tuple[str, str], b: tuple[str, str], domain: str, metric: str = METRIC):
+        """Paired gap of (cell, model) ``a`` minus ``b`` over the seeds both have, or None."""
+        from mmrec.compare import compare_ranks
+
+        seeds = sorted(set(self.model(a[0], domain, a[1])) & set(self.model(b[0], domain, b[1])))
+        ra = [self.ranks(a[0], s, domain, a[1]) for s in seeds]
+        rb = [self.ranks(b[0], s, domain, b[1]) for s in seeds]
+        if not seeds or any(r is None for r in ra + rb) or any(x.shape != y.shape for x, y in zip(ra, rb)):
+            return None
+        return compare_ranks(ra, rb, metric, a[1], b[1])
+
+
+# -- formatting ------------------------------------------------------------------------------------
+
+def _values(entries: dict[int, dict[str, Any]], path: tuple[str, ...]) -> list[float]:
+    out = []
+    for m in entries.values():
+        v: Any = m
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)):
+            out.append(float(v))
+    return out
+
+
+def fmt(vals: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± sd`` over seeds (just the value for one seed; ``-`` for none)."""
+    if not vals:
+        return "-"
+    v = [scale * x for x in vals]
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def gap_text(g) -> str:
+    if g is None:
+        return "-"
+    return f"{100 * g.gap:+.2f} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]{' *' if g.low > 0 or g.high < 0 else ''}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:g} %" if x is not None else "-"
+
+
+# -- figures -----------------------------------------------------------------------------------------
+
+def _line_plot(path: Path, title: str, xlabel: str, series: dict[str, list[tuple[float, list[float]]]]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: sorted(v) for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, pts in series.items():
+        xs = [100 * x for x, _ in pts]
+        ys = [100 * statistics.mean(v) for _, v in pts]
+        err = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in pts]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=MODEL_LABEL.get(name, name))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {METRIC} (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _bar_plot(path: Path, title: str, bars: dict[str, dict[str, list[float]]]) -> Path | None:
+    """``bars``: row label -> {series: per-seed values}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {k: v for k, v in bars.items() if any(v.values())}
+    if not bars:
+        return None
+    series = sorted({s for v in bars.values() for s in v}, key=lambda s: MODEL_ORDER.index(s) if s in MODEL_ORDER else 99)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(bars)), 4.2), dpi=110)
+    width = 0.8 / len(series)
+    for j, s in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(bars))]
+        vals = [bars[r].get(s) or [] for r in bars]
+        ys = [100 * statistics.mean(v) if v else 0.0 for v in vals]
+        err = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=MODEL_LABEL.get(s, s))
+    ax.set_xticks(range(len(bars)), list(bars), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"test {METRIC} (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+def _short(cell: str) -> str:
+    """A bar label: the cell name without its group prefix."""
+    if cell == "transfer":
+        return "all four (transfer)"
+    for prefix in ("objective-", "tower-", "mom-"):
+        if cell.startswith(prefix):
+            return cell[len(prefix):]
+    return cell.replace("-", " ")
+
+
+def _cells(res: Results, group: str) -> list[dict[str, Any]]:
+    return [c for c in res.plan["cells"] if c["group"] == group]
+
+
+def _trace(res: Results, cells: list[str]) -> str:
+    paths = sorted(res.records[(c, s)]["_path"] for c in cells for s in res.seeds(c))
+    if not paths:
+        return ""
+    commits = sorted({(res.records[(c, s)].get("commit") or "?")[:10] + ("+dirty" if res.records[(c, s)].get("dirty") else "")
+                      for c in cells for s in res.seeds(c)})
+    shown = ", ".join(f"`{os.path.relpath(p, REPO) if REPO in p.parents else p.name}`" for p in paths[:8])
+    more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
+    return f"Records: {shown}{more}; commit(s) {', '.join(commits)}."
+
+
+def _seeds_note(res: Results, cells: list[str]) -> str:
+    seeds = sorted({s for c in cells for s in res.seeds(c)})
+    return f"seeds {seeds}" if seeds else "no seed yet"
+
+
+def section_transfer(res: Results, domain: str, out: list[str]) -> None:
+    cell = "transfer"
+    out += [f"### Transfer vs from scratch vs SASRec vs zero-shot ({domain})", ""]
+    if not res.seeds(cell):
+        out += ["Not run yet (see Missing).", ""]
+        return
+    models = [m for m in MODEL_ORDER if res.model(cell, domain, m)]
+    rows = []
+    for m in models:
+        e = res.model(cell, domain, m)
+        gap = None if m == "finetuned" else res.gap((cell, "finetuned"), (cell, m), domain)
+        rows.append([MODEL_LABEL[m], fmt(_values(e, ("test", "HR@10"))), fmt(_values(e, ("test", METRIC))),
+                     fmt(_values(e, ("valid", METRIC))), fmt(_values(e, ("cold", "HR@10"))),
+                     "" if m == "finetuned" else gap_text(gap)])
+    rec = res.get(cell, res.seeds(cell)[0])["targets"][domain]
+    out += _table(["model", "HR@10", "NDCG@10", "valid NDCG@10", "cold HR@10", "fine-tuned minus row, NDCG@10 [95 %]"], rows)
+    out += ["", f"Test split, {rec['n_users']} users ({rec['n_cold_users']} with a cold-start target), masked protocol, "
+            f"values in % ({_seeds_note(res, [cell])}; mean ± sample sd over seeds when more than one). Intervals: paired "
+            "bootstrap over users, seeds averaged per user; `*` where the interval excludes zero. "
+            + ("" if "recbole_sasrec" in models else "RecBole's SASRec: not run (no `.venv-recbole`, or `--recbole off`). ")
+            + _trace(res, [cell]), ""]
+
+
+def section_fractions(res: Results, domain: str, out: list[str], figs: Path) -> list[Path]:
+    made = []
+    out += [f"### Data size, as in TransRec ({domain})", ""]
+    # target fraction
+    cells = [("transfer", 1.0)] + [(c["name"], c["value"]) for c in _cells(res, "target_fraction")]
+    cells = sorted(cells, key=lambda c: c[1])
+    models = [m for m in MODEL_ORDER if any(res.model(c, domain, m) for c, _ in cells)]
+    rows, series = [], {m: [] for m in models}
+    for c, f in cells:
+        if not res.seeds(c):
+            rows.append([_pct(f), "-", *["not run"] * len(models), "-"])
+            continue
+        t = res.get(c, res.seeds(c)[0])["targets"][domain]
+        cols = []
+        for m in models:
+            v = _values(res.model(c, domain, m), ("test", METRIC))
+            cols.append(fmt(v))
+            if v:
+                series[m].append((f, v))
+        rows.append([_pct(f), str(t["n_users"]), *cols, gap_text(res.gap((c, "finetuned"), (c, "scratch"), domain))])
+    out += [f"**Target users for fine-tuning** (test {METRIC}, %; every model trained on the same share; the test "
+            "users are that share's users, so rows of different shares rank different users):", ""]
+    out += _table(["target users", "test users", *[MODEL_LABEL[m] for m in models], "fine-tuned minus scratch [95 %]"], rows)
+    fig = _line_plot(figs / "target_fraction.png", f"{res.plan['config']}: {domain}, {METRIC} vs share of target users",
+                     "target users used for fine-tuning (%)", series)
+    if fig:
+        made.append(fig)
+        out += ["", f"![test {METRIC} against the share of target users]({os.path.relpath(fig, figs.parent.parent)})"]
+    out += ["", _trace(res, [c for c, _ in cells]), ""]
+    # source fraction
+    cells = [(c["name"], c["value"]) for c in _cells(res, "source_fraction")]
+    if not cells and not res.plan.get("sources"):
+        return made
+    rows = []
+    series = {"finetuned": [], "zero_shot": []}
+    s0 = _values(res.model("transfer", domain, "scratch"), ("test", METRIC))
+    if s0:
+        series["finetuned"].append((0.0, s0))
+    rows.append(["0 % (no pretraining: the transfer cell's from-scratch row)", fmt(s0), "-", "-"])
+    for c, f in sorted(cells + [("transfer", 1.0)], key=lambda c: c[1]):
+        if not res.seeds(c):
+            rows.append([_pct(f), "not run", "-", "-"])
+            continue
+        ft = _values(res.model(c, domain, "finetuned"), ("test", METRIC))
+        zs = _values(res.model(c, domain, "zero_shot"), ("test", METRIC))
+        series["finetuned"].append((f, ft))
+        if zs:
+            series["zero_shot"].append((f, zs))
+        rows.append([_pct(f), fmt(ft), fmt(zs), gap_text(res.gap((c, "finetuned"), ("transfer", "scratch"), domain))])
+    out += ["", f"**Source users for pretraining** (test {METRIC} on the whole target, %):", ""]
+    out += _table(["source users", "fine-tuned", "zero-shot", "fine-tuned minus from scratch [95 %]"], rows)
+    fig = _line_plot(figs / "source_fraction.png", f"{res.plan['config']}: {domain}, {METRIC} vs share of source users",
+                     "source users used for pretraining (%)", series)
+    if fig:
+        made.append(fig)
+        out += ["", f"![test {METRIC} against the share of source users]({os.path.relpath(fig, figs.parent.parent)})"]
+    out += ["", _trace(res, [c for c, _ in cells] + ["transfer"]), ""]
+    return made
+
+
+def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str, group: str, reference: str | None,
+              extra: list[tuple[str, str]] = (), note: str = "", fig_name: str | None = None) -> list[Path]:
+    cells = [(c["name"], c["label"]) for c in _cells(res, group)] + list(extra)
+    out += [f"### {title} ({domain})", ""]
+    if not cells:
+        return []
+    has_scratch = any(res.model(c, domain, "scratch") for c, _ in cells)
+    rows, bars = [], {}
+    for c, label in cells:
+        if not res.seeds(c):
+            rows.append([label, "not run", "-", "-", "-"] + (["-"] if has_scratch else []))
+            continue
+        ft = res.model(c, domain, "finetuned")
+        sc = _values(res.model(c, domain, "scratch"), ("test", METRIC))
+        g = None if reference is None or c == reference else res.gap((c, "finetuned"), (reference, "finetuned"), domain)
+        row = [label, fmt(_values(ft, ("test", "HR@10"))), fmt(_values(ft, ("test", METRIC))),
+               fmt(_values(ft, ("valid", METRIC)))]
+        if has_scratch:
+            row.append(fmt(sc))
+        row.append("reference" if c == reference else gap_text(g))
+        rows.append(row)
+        bars[_short(c)] = {"finetuned": _values(ft, ("test", METRIC)), **({"scratch": sc} if sc else {})}
+    ref_label = dict(cells).get(reference, reference)
+    head = ["cell", "HR@10", "NDCG@10", "valid NDCG@10"] + (["from scratch NDCG@10"] if has_scratch else []) + [
+        f"minus {ref_label} [95 %]"]
+    out += _table(head, rows)
+    made = []
+    if fig_name:
+        fig = _bar_plot(figs / fig_name, f"{res.plan['config']}: {domain}, {title.lower()}", bars)
+        if fig:
+            made.append(fig)
+            out += ["", f"![{title}]({os.path.relpath(fig, figs.parent.parent)})"]
+    out += ["", (note + " " if note else "") + f"Pretrained + fine-tuned rows unless named otherwise; test split, values "
+            f"in % ({_seeds_note(res, [c for c, _ in cells])}). " + _trace(res, [c for c, _ in cells]), ""]
+    return made
+
+
+def section_cold(res: Results, domain: str, out: list[str]) -> None:
+    out += [f"### Cold-start vs warm targets ({domain})", ""]
+    cells = ["transfer"] + [c["name"] for c in _cells(res, "target_fraction")]
+    rows = []
+    for c in cells:
+        if not res.seeds(c):
+            continue
+        for m in MODEL_ORDER:
+            e = res.model(c, domain, m)
+            if not e:
+                continue
+            n_w = _values(e, ("warm", "n_users"))
+            n_c = _values(e, ("cold", "n_users"))
+            rows.append([c, MODEL_LABEL[m], f"{statistics.mean(n_w):g}" if n_w else "-",
+                         fmt(_values(e, ("warm", "HR@10"))), fmt(_values(e, ("warm", METRIC))),
+                         f"{statistics.mean(n_c):g}" if n_c else "-",
+                         fmt(_values(e, ("cold", "HR@10"))) if n_c and max(n_c) > 0 else "no cold user",
+                         fmt(_values(e, ("cold", METRIC))) if n_c and max(n_c) > 0 else "-"])
+    if not rows:
+        out += ["Not run yet.", ""]
+        return
+    out += _table(["cell", "model", "warm users", "warm HR@10", "warm NDCG@10", "cold users", "cold HR@10", "cold NDCG@10"], rows)
+    out += ["", "A cold-start target is an item that occurs in no training sequence of the target (the evaluation "
+            "stage's `cold/` metrics; warm = every other test user), computed from each record's per-user ranks. "
+            "Smaller target shares leave more items unseen. " + _trace(res, cells), ""]
+
+
+def section_cost(res: Results, domain: str, out: list[str]) -> None:
+    out += [f"### Training cost ({domain})", ""]
+    rows = []
+    cells = ["transfer"]
+    for c in cells:
+        if not res.seeds(c):
+            continue
+        pre = {s: res.get(c, s).get("pretrained") for s in res.seeds(c)}
+        pre = {s: {"cost": p["cost"]} for s, p in pre.items() if p}
+        entries = [("pretraining on the sources", pre)] + [
+            (MODEL_LABEL[m], res.model(c, domain, m)) for m in MODEL_ORDER if m != "zero_shot" and res.model(c, domain, m)]
+        for label, e in entries:
+            trained = [m["cost"] for m in e.values() if m.get("cost", {}).get("trained_here")]
+            if not trained:
+                rows.append([label, "trained by another cell (run reused)", "-", "-", "-"])
+                continue
+            get = lambda k: [float(t[k]) for t in trained if isinstance(t.get(k), (int, float))]  # noqa: E731
+            rows.append([label, fmt(get("train_seconds_per_epoch"), 1), fmt(get("sequences_per_second"), 1, 0),
+                         fmt(get("wall_seconds_per_epoch"), 1), fmt(get("epochs"), 1, 1)])
+    if not rows:
+        out += ["Not run yet.", ""]
+        return
+    threads = sorted({res.records[(c, s)].get("threads") for c in cells for s in res.seeds(c)})
+    out += _table(["model (transfer cell)", "train s/epoch", "sequences/s", "wall s/epoch incl. validation",
+                   "epochs trained"], rows)
+    out += ["", f"Measured in the same run as the metrics above, {threads} torch thread(s), on a shared machine (other "
+            "jobs running: compare rows with each other, not with other machines). Train s/epoch and sequences/s: "
+            "optimizer steps only (each step's time between consecutive step logs, batch loading included); wall "
+            "s/epoch adds validation and checkpoints. An epoch is one row of the last L+1 items per user (every "
+            "position a target). RecBole's row is its own timing: its epoch is every prefix of every training "
+            "sequence, so compare seconds per epoch, not sequences/s. " + _trace(res, cells), ""]
+
+
+def section_missing(res: Results, out: list[str]) -> None:
+    out += ["### Missing cells", ""]
+    lines = []
+    for c in res.plan["cells"]:
+        missing = [s for s in c["seeds"] if (c["name"], s) not in res.records]
+        if missing:
+            lines.append(f"- `{c['name']}` ({c['group']}): seed(s) {missing} not run yet")
+    for s in res.plan.get("skipped", []):
+        lines.append(f"- `{s['name']}` ({s['group']}): not applicable: {s['reason']}")
+    if not res.plan.get("recbole"):
+        lines.append("- RecBole's SASRec rows: not run (`.venv-recbole` absent, `--recbole off` or `--quick`)")
+    out += (lines or ["None: every planned cell has a record for every planned seed."]) + [""]
+
+
+def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
+    figs = docs / "results" / res.name
+    out = [f"## `{res.plan['config']}`" + (" (`--quick`: toy size, tests the script, not the numbers)" if res.plan.get("quick") else ""), ""]
+    n = len(res.records)
+    planned = sum(len(c["seeds"]) for c in res.plan["cells"])
+    out += [f"{n} of {planned} planned cell runs have a record (`{os.path.relpath(res.folder, REPO) if REPO in res.folder.resolve().parents else res.folder}`). "
+            f"Targets: {', '.join(res.plan['targets'])}; sources: {', '.join(res.plan['sources']) or 'none'}.", ""]
+    made: list[Path] = []
+    for domain in res.plan["targets"]:
+        section_transfer(res, domain, out)
+        made += section_fractions(res, domain, out, figs)
+        made += _ablation(res, domain, out, figs, "Modality ablation", "modality", "fused-merge_attention",
+                          note="NICL is off in every row of this table (a single-modality tower cannot have it), "
+                          "so the fused merge_attention row differs from the transfer cell's fine-tuned model.",
+                          fig_name="modality.png")
+        made += _ablation(res, domain, out, figs, "MoM routing vs fused on a text-OR-image catalog", "mom", "mom-fused",
+                          note="Every item of every domain is text-only or image-only (demo data regenerated with "
+                          "p_text_only = p_image_only = 0.5); NICL off in both rows.")
+        made += _ablation(res, domain, out, figs, "Objective ablation", "objective", "objective-next-item",
+                          extra=[("transfer", "next-item + NICL + NID + RCL (the transfer cell)")],
+                          note="Each auxiliary loss is added alone to the next-item loss, in pretraining and fine-tuning.",
+                          fig_name="objective.png")
+        section_cold(res, domain, out)
+        section_cost(res, domain, out)
+    section_missing(res, out)
+    return out, made
+
+
+def write_report(docs: Path, record_dirs: list[Path]) -> Path:
+    """Write ``docs/RESULTS.md`` (and the figures) from every record folder in ``record_dirs``."""
+    docs = Path(docs)
+    results = [Results.load(d) for d in record_dirs if (d / "plan.json").is_file()]
+    results.sort(key=lambda r: (r.plan.get("quick", False), not r.records, r.name))
+    lines = [
+        "# Results", "",
+        "Generated by `make experiments` (`python -m experiments`, `experiments/report.py`) from the per-cell records; "
+        "do not edit by hand. Each cell is a config derived from a base config (`experiments/cells.py`), run for a "
+        "seed through the library stages (`mmrec/stages.py`) in its own artifacts folder; its record holds the test "
+        "and validation metrics, the per-user test ranks (a parquet file beside it), the training cost, the commit "
+        "and the config's sha256. All metrics: full ranking over every item, the masked protocol (every history "
+        "item out of the ranking), leave-one-out test split; the test split selects nothing (early stopping and "
+        f"the gate read validation). Groups: {', '.join(GROUPS)}.", "",
+    ]
+    made: list[Path] = []
+    for res in results:
+        part, figs = config_section(res, docs)
+        lines += part
+        made += figs
+    if not results:
+        lines += ["No record yet: run `make experiments`.", ""]
+    path = docs / "RESULTS.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".RESULTS.md.tmp")
+    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,430 @@
+"""Run experiment cells through the library stages and write one JSON record per cell.
+
+Layout (``--out``, default ``artifacts/experiments``; git-ignored)::
+
+    <out>/<name>/cells/<cell>/seed<N>/config.yaml   the cell's resolved pipeline config
+    <out>/<name>/cells/<cell>/seed<N>/artifacts/    its artifacts (<stage>/<domain>, as `mmrec run` writes)
+    <out>/<name>/shared/<stage>/<domain>-<key>/     raw_catalog, validated_catalog, item_features, keyed by
+                                                    what they depend on and linked into each cell
+    <out>/<name>/runs/                              training runs of every cell (the stages key them by config
+                                                    and input hashes, so an identical run is trained once)
+    <out>/raw/<hash>/                               generated demo data
+    <out>/feature_cache/                            the feature cache of these runs (never the project's)
+
+Records (``--records``, default ``docs/results/<name>/records``): ``<cell>-seed<N>.json`` and the
+test ranks ``<cell>-seed<N>.ranks.parquet`` beside it, plus ``plan.json`` (cells and seeds asked
+for, cells this config cannot have). ``<name>`` is the base config's file name (``-quick`` added
+with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments import cells as C
+from mmrec import stages
+from mmrec.config import PipelineConfig, load_config
+from mmrec.io import write_json
+
+REPO = C.REPO
+DATA_STAGES = ("raw_catalog", "validated_catalog", "item_features")
+DONE_FILE = {"raw_catalog": "catalog.json", "validated_catalog": "splits.parquet", "item_features": "features.safetensors"}
+KS_REPORTED = ("HR@10", "NDCG@10")
+
+
+def git_commit() -> dict[str, Any]:
+    """HEAD and whether the code the cells run (library, experiments, configs) differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mmrec", "experiments", "configs"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head, "dirty": bool(dirty)}
+
+
+def recbole_available() -> bool:
+    from mmrec.recbole import DEFAULT_PYTHON
+
+    return Path(DEFAULT_PYTHON).is_file()
+
+
+# -- training cost, from the stages' own tracker calls ------------------------------------------
+
+class CostTracker:
+    """A ``mmrec.tracking.Tracker`` that times training: with ``log_every: 1`` every optimizer step
+    logs its loss, so the time between two consecutive step logs with no evaluation in between is
+    one step (its batch loading included). Validation and checkpoints are excluded from the step
+    time and included in the wall time per epoch. A run resumed from a finished checkpoint (trained
+    by another cell) logs no step: its cost reads "not trained here"."""
+
+    def __init__(self):
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.current: dict[str, Any] | None = None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if "variant" in tags or tags.get("stage") == "pretrained_model":
+            name = tags.get("variant", "pretrained")
+            self.current = self.runs[name] = {"events": [], "resumed_from_step": None}
+        elif "resumed_from_step" in tags and self.current is not None:
+            self.current["resumed_from_step"] = int(tags["resumed_from_step"])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.current is not None:
+            self.current["params"] = {k: params.get(f"train.{k}") for k in ("batch_size", "drop_last", "seed")}
+            self.current["events"].append(("start", self.current["resumed_from_step"] or 0, time.perf_counter()))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.current is None:
+            return
+        kind = "step" if any(k.startswith("train/") for k in metrics) else "eval" if any(
+            k.startswith("val/") for k in metrics) else "end"
+        self.current["events"].append((kind, step, time.perf_counter()))
+
+    def log_artifact(self, path: Path, name: str | None = None) -> None:
+        pass
+
+    def summary(self, name: str, n_rows: int) -> dict[str, Any]:
+        """Seconds per epoch and sequences per second of run ``name`` (``n_rows`` training rows)."""
+        run = self.runs.get(name)
+        steps = [e for e in (run or {}).get("events", []) if e[0] == "step"]
+        if not steps:
+            return {"trained_here": False}
+        bs = run["params"]["batch_size"]
+        per_epoch = -(-n_rows // bs) if not run["params"]["drop_last"] else n_rows // bs
+
+        def rows(step: int) -> int:  # the 1-based step's batch: full, except the last of an epoch
+            last = (step - 1) % per_epoch == per_epoch - 1
+            return n_rows - bs * (per_epoch - 1) if last and not run["params"]["drop_last"] else bs
+
+        events = run["events"]
+        seconds = sequences = 0.0
+        for prev, cur in zip(events, events[1:]):
+            if cur[0] == "step" and prev[0] in ("step", "start") and cur[1] == prev[1] + 1:
+                seconds += cur[2] - prev[2]
+                sequences += rows(cur[1])
+        first = next(e for e in events if e[0] == "start")
+        evals = [e for e in events if e[0] == "eval"]
+        trained_steps = steps[-1][1] - first[1]
+        epochs = trained_steps / per_epoch
+        out: dict[str, Any] = {"trained_here": True, "steps": trained_steps, "epochs": round(epochs, 3),
+                               "rows_per_epoch": n_rows, "steps_timed": sum(1 for p, c in zip(events, events[1:])
+                                                                            if c[0] == "step" and p[0] in ("step", "start")
+                                                                            and c[1] == p[1] + 1)}
+        if seconds > 0:
+            out["sequences_per_second"] = sequences / seconds
+            out["train_seconds_per_epoch"] = n_rows / out["sequences_per_second"]
+        if evals and epochs > 0:
+            out["wall_seconds_per_epoch"] = (evals[-1][2] - first[2]) / epochs
+        return out
+
+
+# -- cells ---------------------------------------------------------------------------------------
+
+class Runner:
+    """Runs the cells of one base config into ``out`` and writes their records into ``records``."""
+
+    def __init__(self, base: Path, out: Path, records: Path, quick: bool = False, threads: int = 1,
+                 recbole: str = "auto", log=print):
+        self.base_path = Path(base).resolve()
+        self.cfg = load_config(self.base_path)
+        if quick and self.cfg.demo is None:
+            raise ValueError(f"{base}: --quick runs on the built-in demo data; this config has no demo section")
+        self.quick = quick
+        self.name = self.base_path.stem + ("-quick" if quick else "")
+        self.out = Path(out).resolve()
+        self.work = self.out / self.name
+        self.records = Path(records).resolve()
+        self.threads = threads
+        self.recbole = recbole == "on" or (recbole == "auto" and not quick and recbole_available())
+        self.log = log
+
+    # paths
+    def cell_dir(self, cell: C.Cell, seed: int) -> Path:
+        return self.work / "cells" / cell.name / f"seed{seed}"
+
+    def record_path(self, cell: C.Cell | str, seed: int) -> Path:
+        return self.records / f"{getattr(cell, 'name', cell)}-seed{seed}.json"
+
+    def plan(self, seeds: list[int], only: list[str] | None = None) -> tuple[list[C.Cell], list[C.Skipped]]:
+        cells, skipped = C.plan(self.cfg, self.recbole)
+        if only:
+            unknown = sorted(set(only) - {c.name for c in cells} - {c.group for c in cells} - set(C.GROUPS)
+                             - {s.name for s in skipped})
+            if unknown:
+                raise ValueError(f"unknown cell(s) or group(s) {unknown}; cells: {[c.name for c in cells]}, "
+                                 f"groups: {list(C.GROUPS)}")
+            cells = [c for c in cells if c.name in only or c.group in only]
+        return cells, skipped
+
+    def write_plan(self, seeds: list[int], cells: list[C.Cell], skipped: list[C.Skipped]) -> None:
+        path = self.records / "plan.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        planned = {c["name"]: c for c in old.get("cells", [])}
+        for c in cells:  # a run of some cells keeps the others of an earlier plan
+            planned[c.name] = {"name": c.name, "group": c.group, "label": c.label, "value": c.value,
+                               "seeds": sorted(set(planned.get(c.name, {}).get("seeds", [])) | set(seeds))}
+        write_json(path, {
+            "config": os.path.relpath(self.base_path, REPO), "name": self.name, "quick": self.quick,
+            "command": "python -m experiments " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+            "targets": [d.name for d in self.cfg.targets], "sources": [d.name for d in self.cfg.sources],
+            "recbole": self.recbole, "cells": sorted(planned.values(), key=lambda c: (C.GROUPS.index(c["group"]), c["name"])),
+            "skipped": [{"name": s.name, "group": s.group, "reason": s.reason} for s in skipped],
+        })
+
+    def run(self, seeds: list[int], only: list[str] | None = None) -> list[Path]:
+        """Run every planned cell x seed that has no record yet; returns the records written."""
+        cells, skipped = self.plan(seeds, only)
+        self.write_plan(seeds, cells, skipped)
+        written, failed = [], []
+        for seed in seeds:
+            for cell in cells:
+                if self.record_path(cell, seed).is_file():
+                    self.log(f"[experiments] {cell.name} seed {seed}: record exists, skipped")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    written.append(self.run_cell(cell, seed))
+                except Exception:  # noqa: BLE001 - one failed cell must not lose the others; reported at the end
+                    failed.append((cell.name, seed))
+                    self.log(f"[experiments] {cell.name} seed {seed}: FAILED\n{traceback.format_exc()}")
+                    continue
+                self.log(f"[experiments] {cell.name} seed {seed}: done in {time.perf_counter() - t0:.0f}s")
+        if failed:
+            raise RuntimeError(f"cells failed (see the log above): {failed}")
+        return written
+
+    def cell_config(self, cell: C.Cell, seed: int) -> tuple[PipelineConfig, Path, dict[str, Any]]:
+        cdir = self.cell_dir(cell, seed)
+        cdir.mkdir(parents=True, exist_ok=True)
+        demo = C.demo_spec(self.cfg, cell, self.quick)
+        demo_dir = None
+        if demo is not None:
+            from mmrec.data.synthetic import DemoConfig, generate_demo
+
+            demo_dir = self.out / "raw" / C.digest(demo)
+            if not (demo_dir / ".complete").is_file():  # deterministic: the same spec writes the same files
+                generate_demo(DemoConfig.from_dict(demo), demo_dir, progress=False)
+                (demo_dir / ".complete").write_text(json.dumps(demo, sort_keys=True))
+        spec = C.derive(self.cfg, cell, seed, cdir, self.out / "feature_cache", self.quick, demo_dir)
+        text = yaml.safe_dump(spec, sort_keys=True)
+        path = cdir / "config.yaml"
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+        return load_config(path), path, {"demo": demo}
+
+    def _data_stages(self, cfg: PipelineConfig) -> None:
+        """raw_catalog, validated_catalog and item_features of every domain, run once per key in
+        ``shared/`` and linked into the cell's artifacts (the stages read them through the link)."""
+        import dataclasses as dc
+
+        model = cfg.model()
+        for d in cfg.domains:
+            key = {"source": C.plain(d.source), "name": d.name}
+            upstream: Path | None = None
+            for stage in DATA_STAGES:
+                if stage == "validated_catalog":
+                    key = {**key, "validation": C.plain(d.validation), "preprocess": C.plain(cfg.preprocess),
+                           "user_fraction": d.user_fraction}
+                elif stage == "item_features":
+                    key = {**key, "text": C.plain(model.text_encoder), "image": C.plain(model.image_encoder),
+                           "modalities": list(model.item_tower.modalities), "features": C.plain(cfg.features())}
+                root = self.work / "shared" / stage / f"{d.name}-{C.digest(key)}"
+                if upstream is not None:
+                    _link(root / upstream.parent.name / d.name, upstream)
+                done = root / stage / d.name
+                if not (done / DONE_FILE[stage]).is_file():
+                    self.log(f"[experiments] {stage} {d.name} -> {root.relative_to(self.work)}")
+                    stages.STAGE_FUNCTIONS[stage](dc.replace(cfg, artifacts=root), d.name, progress=False)
+                _link(cfg.artifact_path(stage, d.name), done)
+                upstream = done
+
+    def run_cell(self, cell: C.Cell, seed: int) -> Path:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        started = time.time()
+        cfg, cfg_path, extra = self.cell_config(cell, seed)
+        (self.work / "runs").mkdir(parents=True, exist_ok=True)
+        _link(cfg.artifacts / "runs", self.work / "runs")
+        self.log(f"[experiments] {cell.name} seed {seed}: {cfg_path.relative_to(self.out.parent) if self.out.parent in cfg_path.parents else cfg_path}")
+        self._data_stages(cfg)
+        cost = CostTracker()
+        pre = None
+        if stages.stage_domains(cfg, "pretrained_model"):
+            pre = stages.pretrained_model(cfg, progress=False, tracker=cost)
+        targets: dict[str, Any] = {}
+        for domain in stages.stage_domains(cfg, "finetuned_model"):
+            ft = stages.finetuned_model(cfg, domain, progress=False, tracker=cost)
+            ev = stages.evaluation(cfg, domain, progress=False)
+            targets[domain] = self._target_record(cfg, cell, seed, domain, ft.metadata, ev.metadata, cost)
+        record = {
+            "cell": cell.name, "group": cell.group, "label": cell.label, "value": cell.value, "seed": seed,
+            "base_config": os.path.relpath(self.base_path, REPO), "quick": self.quick,
+            "config": {"path": _rel(cfg_path), "sha256": _sha256(cfg_path), "overrides": cell.overrides,
+                       "source_fraction": cell.source_fraction, "target_fraction": cell.target_fraction, **extra},
+            **git_commit(),
+            "threads": self.threads,
+            "targets": targets,
+            "pretrained": None if pre is None else {
+                "valid_metrics": pre.metadata["valid_metrics"], "best_step": pre.metadata["best_step"],
+                "steps": pre.metadata["steps"], "cost": cost.summary("pretrained", _source_rows(cfg)),
+                "run_dir": _rel(Path(pre.metadata["run_dir"]))},
+            "started": started, "seconds": time.time() - started,
+        }
+        path = self.record_path(cell, seed)
+        write_json(path, record)  # temp file + rename: a record is whole or absent
+        return path
+
+    def _target_record(self, cfg: PipelineConfig, cell: C.Cell, seed: int, domain: str, ft: dict, ev: dict,
+                       cost: CostTracker) -> dict[str, Any]:
+        import polars as pl
+
+        from mmrec.compare import per_user
+        from mmrec.data.sequences import SequenceData
+
+        splits = pl.read_parquet(cfg.artifact_path("validated_catalog", domain) / "splits.parquet")
+        n_items = pl.read_parquet(cfg.artifact_path("validated_catalog", domain) / "item_map.parquet").height
+        data = SequenceData.from_splits(splits, n_items)
+        cold = data.cold_items()[data.test].numpy()  # (U,) the user's test target never occurs in training
+        ranks = stages.read_ranks(cfg, domain)
+        recbole = None
+        if cell.recbole and self.recbole:
+            from mmrec import recbole as rb
+
+            self.log(f"[experiments] {cell.name} seed {seed}: RecBole SASRec on {domain}")
+            r = rb.run(cfg, domain, threads=self.threads, quiet=True)
+            ranks[rb.NAME] = rb.read_ranks(cfg, domain)[rb.NAME]
+            recbole = r
+        ranks_path = self.records / f"{cell.name}-seed{seed}{'' if len(cfg.targets) == 1 else '-' + domain}.ranks.parquet"
+        frame = pl.DataFrame({"user_idx": list(range(data.n_users)), "cold": cold.tolist(),
+                              **{n: r.tolist() for n, r in ranks.items()}})
+        tmp = ranks_path.with_name("." + ranks_path.name + ".tmp")
+        frame.write_parquet(tmp)
+        tmp.replace(ranks_path)
+        n_rows = sum(1 for s in data.train if len(s) >= 2)
+        variant_of = {"finetuned": "model", "scratch": "scratch", "sasrec": "sasrec", "id_tower": "id_tower"}
+        models: dict[str, Any] = {}
+        for name, r in ranks.items():
+            is_recbole = recbole is not None and name == recbole["model"]
+            m: dict[str, Any] = {"test": recbole["test"] if is_recbole else ev["models"].get(name)}
+            for subset, mask in (("warm", ~cold), ("cold", cold)):
+                m[subset] = {"n_users": int(mask.sum()),
+                             **{k: (float(per_user(r[mask], k).mean()) if mask.any() else None) for k in KS_REPORTED}}
+            if name in variant_of:
+                info = ft["variants"][variant_of[name]]
+                m["valid"] = info["valid_metrics"]
+                m["best_step"], m["steps"], m["stopped_early"] = info["best_step"], info["steps"], info["stopped_early"]
+                m["cost"] = cost.summary(variant_of[name], n_rows)
+                m["run_dir"] = _rel(Path(info["run_dir"]))
+            elif is_recbole:
+                rb_rec = recbole["recbole"]
+                m["valid"] = recbole["valid"]
+                m["cost"] = {"trained_here": True, "train_seconds_per_epoch": rb_rec.get("seconds_per_epoch"),
+                             "epochs": rb_rec.get("epochs_trained"), "note": "RecBole's own timing (training only; "
+                             "its epoch is every prefix of every training sequence)"}
+            models[name] = m
+        return {
+            "n_users": data.n_users, "n_cold_users": int(cold.sum()), "n_items": n_items, "train_rows": n_rows,
+            "models": models, "gate": ev["gate"],
+            "ranks": {"path": _rel(ranks_path), "sha256": _sha256(ranks_path),
+                      "source": _rel(cfg.artifact_path("evaluation", domain) / stages.RANKS)},
+            "metrics_json": _rel(cfg.artifact_path("evaluation", domain) / stages.METRICS),
+        }
+
+
+def _source_rows(cfg: PipelineConfig) -> int:
+    import polars as pl
+
+    n = 0
+    for d in cfg.sources:
+        train = pl.read_parquet(cfg.artifact_path("validated_catalog", d.name) / "splits.parquet")["train"]
+        n += int((train.list.len() >= 2).sum())
+    return n
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` -> ``target`` as a relative symlink (replacing a stale one)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(target, link.parent.resolve())
+    if link.is_symlink():
+        if os.readlink(link) == rel:
+            return
+        link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} exists and is not a link to {target}")
+    link.symlink_to(rel, target_is_directory=True)
+
+
+def _rel(path: Path) -> str:
+    path = Path(path).resolve()
+    return os.path.relpath(path, REPO) if REPO in path.parents else str(path)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=(
+        "Run the experiment cells of a base config for the given seeds (resumable: a cell whose record exists is "
+        "skipped) and regenerate docs/RESULTS.md and the figures from every record."))
+    p.add_argument("--config", default="configs/demo.yaml", help="base pipeline config (default configs/demo.yaml)")
+    p.add_argument("--seed", dest="seeds", type=int, action="append", help="seed (repeatable; default: the config's "
+                   "fine-tuning seed)")
+    p.add_argument("--quick", action="store_true", help="every cell at toy size on the built-in demo data (tests the "
+                   "script, not the numbers)")
+    p.add_argument("--cells", nargs="+", help=f"only these cells or groups ({', '.join(C.GROUPS)})")
+    p.add_argument("--out", default="artifacts/experiments", help="work folder (artifacts, shared data, runs)")
+    p.add_argument("--records", help="record folder (default docs/results/<config name>/records)")
+    p.add_argument("--docs", default="docs", help="where RESULTS.md and results/*.png go (default docs)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--recbole", choices=("auto", "on", "off"), default="auto", help="RecBole's SASRec in the transfer "
+                   "and target-fraction cells: auto = when .venv-recbole exists (never with --quick)")
+    p.add_argument("--plan-only", action="store_true", help="write the plan (and the report) without running a cell")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the report from the records")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from experiments import report
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    name = Path(args.config).stem + ("-quick" if args.quick else "")
+    docs = Path(args.docs)
+    records = Path(args.records) if args.records else docs / "results" / name / "records"
+    status = 0
+    if not args.report_only:
+        runner = Runner(Path(args.config), Path(args.out), records, quick=args.quick, threads=args.threads,
+                        recbole=args.recbole, log=lambda m: print(m, file=sys.stderr, flush=True))
+        seeds = args.seeds or [runner.cfg.train("finetune").seed]
+        if args.plan_only:
+            runner.write_plan(seeds, *runner.plan(seeds, args.cells))
+        else:
+            try:
+                runner.run(seeds, args.cells)
+            except RuntimeError as exc:
+                print(f"experiments: {exc}", file=sys.stderr)
+                status = 1
+    dirs = sorted(p.parent for p in (docs / "results").glob("*/records/plan.json"))
+    if records.resolve() not in [d.resolve() for d in dirs] and (records / "plan.json").is_file():
+        dirs.append(records)
+    written = report.write_report(docs, dirs)
+    print(f"wrote {written}", file=sys.stderr)
+    return status
