@@ -167,7 +167,7 @@ class Runner:
             cells = [c for c in cells if c.name in only or c.group in only]
         return cells, skipped
 
-    def write_plan(self, seeds: list[int], cells: list[C.Cell], skipped: list[C.Skipped]) -> None:
+    def write_plan(self, seeds: list[int], cells: list[C.Cell], skipped: list[C.Skipped], command: str | None = None) -> None:
         path = self.records / "plan.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         planned = {c["name"]: c for c in old.get("cells", [])}
@@ -176,16 +176,16 @@ class Runner:
                                "seeds": sorted(set(planned.get(c.name, {}).get("seeds", [])) | set(seeds))}
         write_json(path, {
             "config": os.path.relpath(self.base_path, REPO), "name": self.name, "quick": self.quick,
-            "command": "python -m experiments " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+            "command": command or old.get("command"),
             "targets": [d.name for d in self.cfg.targets], "sources": [d.name for d in self.cfg.sources],
             "recbole": self.recbole, "cells": sorted(planned.values(), key=lambda c: (C.GROUPS.index(c["group"]), c["name"])),
             "skipped": [{"name": s.name, "group": s.group, "reason": s.reason} for s in skipped],
         })
 
-    def run(self, seeds: list[int], only: list[str] | None = None) -> list[Path]:
+    def run(self, seeds: list[int], only: list[str] | None = None, command: str | None = None) -> list[Path]:
         """Run every planned cell x seed that has no record yet; returns the records written."""
         cells, skipped = self.plan(seeds, only)
-        self.write_plan(seeds, cells, skipped)
+        self.write_plan(seeds, cells, skipped, command)
         written, failed = [], []
         for seed in seeds:
             for cell in cells:
@@ -401,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    command = "python -m experiments " + " ".join(argv)
     from experiments import report
 
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -415,10 +417,10 @@ def main(argv: list[str] | None = None) -> int:
                         recbole=args.recbole, log=lambda m: print(m, file=sys.stderr, flush=True))
         seeds = args.seeds or [runner.cfg.train("finetune").seed]
         if args.plan_only:
-            runner.write_plan(seeds, *runner.plan(seeds, args.cells))
+            runner.write_plan(seeds, *runner.plan(seeds, args.cells), command=command)
         else:
             try:
-                runner.run(seeds, args.cells)
+                runner.run(seeds, args.cells, command)
             except RuntimeError as exc:
                 print(f"experiments: {exc}", file=sys.stderr)
                 status = 1

@@ -1,0 +1,166 @@
+"""``make experiments --quick``: every cell at toy size on the demo data into a temporary folder;
+the records, their traceability, resumption, RESULTS.md and the figures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from experiments import cells as C
+from experiments.run import CostTracker, main
+from mmrec.config import load_config
+from tests.conftest import REPO
+
+
+def _abs(path: str):
+    return path if path.startswith("/") else str(REPO / path)
+
+TRANSFER_MODELS = {"finetuned", "scratch", "sasrec", "id_tower", "zero_shot"}
+FIGURES = ("target_fraction.png", "source_fraction.png", "modality.png", "objective.png")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--quick", "--seed", "0",
+            "--out", str(root / "out"), "--docs", str(root / "docs")]
+    assert main(argv) == 0
+    return root, argv, root / "docs" / "results" / "demo-quick" / "records"
+
+
+def _record(records, cell, seed=0):
+    return json.loads((records / f"{cell}-seed{seed}.json").read_text())
+
+
+def test_every_planned_cell_has_a_traceable_record(quick):
+    root, _, records = quick
+    plan = json.loads((records / "plan.json").read_text())
+    names = {c["name"] for c in plan["cells"]}
+    assert {c["group"] for c in plan["cells"]} == set(C.GROUPS)
+    assert len(names) == 1 + len(C.SOURCE_FRACTIONS) + len(C.TARGET_FRACTIONS) + 2 + len(C.FUSIONS) + 2 + 4
+    head = json.loads((records / "transfer-seed0.json").read_text())["commit"]
+    assert len(head) == 40
+    for name in names:
+        rec = _record(records, name)
+        assert rec["cell"] == name and rec["seed"] == 0 and rec["quick"] and rec["commit"] == head
+        cfg_path = _abs(rec["config"]["path"])
+        text = open(cfg_path, "rb").read()
+        assert hashlib.sha256(text).hexdigest() == rec["config"]["sha256"]
+        cfg = load_config(cfg_path)
+        assert cfg.evaluation().history == "masked" and cfg.train("finetune").seed == 0
+        t = rec["targets"]["films"]
+        ranks = pl.read_parquet(_abs(t["ranks"]["path"]))
+        assert hashlib.sha256(open(_abs(t["ranks"]["path"]), "rb").read()).hexdigest() == t["ranks"]["sha256"]
+        assert ranks.height == t["n_users"] and "finetuned" in ranks.columns
+        # the record's test metrics are the evaluation stage's, and its ranks reproduce them
+        metrics = json.loads(open(_abs(t["metrics_json"])).read())
+        for model, m in t["models"].items():
+            assert m["test"] == metrics["models"][model]
+            hits = (ranks[model].to_numpy() <= 10).mean()
+            assert hits == pytest.approx(m["test"]["HR@10"])
+        assert t["models"]["finetuned"]["valid"]["NDCG@10"] == metrics["valid"]["finetuned"]["NDCG@10"]
+
+
+def test_cells_differ_as_planned(quick):
+    _, _, records = quick
+    transfer = _record(records, "transfer")
+    assert set(transfer["targets"]["films"]["models"]) == TRANSFER_MODELS
+    full_users = transfer["targets"]["films"]["n_users"]
+    for f in C.TARGET_FRACTIONS:
+        t = _record(records, f"target-{int(100 * f)}")["targets"]["films"]
+        assert t["n_users"] == int(np.ceil(f * full_users)) and set(t["models"]) == TRANSFER_MODELS
+    for f in C.SOURCE_FRACTIONS:
+        rec = _record(records, f"source-{int(100 * f)}")
+        assert rec["targets"]["films"]["n_users"] == full_users and set(rec["targets"]["films"]["models"]) == {"finetuned", "zero_shot"}
+        cfg = load_config(_abs(rec["config"]["path"]))
+        assert [d.user_fraction for d in cfg.sources] == [f, f] and cfg.targets[0].user_fraction == 1.0
+    tower = load_config(_abs(_record(records, "tower-image")["config"]["path"])).model()
+    assert tower.item_tower.name == "image" and not tower.objective.nicl_enabled
+    assert load_config(_abs(_record(records, "fused-gated")["config"]["path"])).model().fusion.name == "gated"
+    obj = load_config(_abs(_record(records, "objective-nid")["config"]["path"])).model().objective
+    assert (obj.nicl_enabled, obj.nid_weight > 0, obj.rcl_weight) == (False, True, 0.0)
+    # the MoM cells read a regenerated catalog in which no item has both modalities
+    mom = _record(records, "mom-mom")
+    assert mom["config"]["demo"]["p_text_only"] + mom["config"]["demo"]["p_image_only"] == 1.0
+    assert load_config(_abs(mom["config"]["path"])).model().item_tower.name == "mom"
+
+
+def test_cold_warm_and_cost_come_from_the_run(quick):
+    _, _, records = quick
+    t = _record(records, "target-10")["targets"]["films"]
+    ranks = pl.read_parquet(_abs(t["ranks"]["path"]))
+    cold = ranks["cold"].to_numpy()
+    assert t["n_cold_users"] == int(cold.sum())
+    for m in t["models"].values():
+        assert m["warm"]["n_users"] + m["cold"]["n_users"] == t["n_users"]
+        if t["n_cold_users"]:
+            assert m["cold"]["HR@10"] == pytest.approx(m["test"]["cold/HR@10"])
+    transfer = _record(records, "transfer")
+    cost = transfer["targets"]["films"]["models"]["finetuned"]["cost"]
+    assert cost["trained_here"] and cost["sequences_per_second"] > 0 and cost["wall_seconds_per_epoch"] > 0
+    assert cost["epochs"] == pytest.approx(2.0) and cost["steps_timed"] >= 1
+    assert transfer["pretrained"]["cost"]["trained_here"]
+    # target-10 pretrains exactly as the transfer cell: the shared run is reused, not retrained
+    reused = _record(records, "target-10")["pretrained"]
+    assert reused["run_dir"] == transfer["pretrained"]["run_dir"] and not reused["cost"]["trained_here"]
+
+
+def test_results_page_and_figures(quick):
+    root, _, _ = quick
+    text = (root / "docs" / "RESULTS.md").read_text()
+    for heading in ("### Transfer vs from scratch", "### Data size", "### Modality ablation", "### MoM routing",
+                    "### Objective ablation", "### Cold-start vs warm", "### Training cost", "### Missing cells"):
+        assert heading in text
+    assert "transfer-seed0.json" in text and "18 of 18 planned cell runs" in text
+    for name in FIGURES:
+        path = root / "docs" / "results" / "demo-quick" / name
+        assert f"results/demo-quick/{name}" in text
+        with Image.open(path) as im:
+            im.load()
+            assert im.width >= 400 and im.height >= 300
+            assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20  # not blank
+
+
+def test_resume_skips_recorded_cells_and_reports_missing_seeds(quick):
+    root, argv, records = quick
+    before = {p.name: p.stat().st_mtime_ns for p in records.glob("*-seed0.json")}
+    old = _record(records, "objective-rcl")
+    (records / "objective-rcl-seed0.json").unlink()
+    assert main(argv) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in records.glob("*-seed0.json")}
+    assert {n for n in after if after[n] != before[n]} == {"objective-rcl-seed0.json"}
+    new = _record(records, "objective-rcl")
+    # its training runs were finished: resumed, not retrained, and the same model
+    assert new["targets"]["films"]["models"]["finetuned"]["test"] == old["targets"]["films"]["models"]["finetuned"]["test"]
+    assert not new["targets"]["films"]["models"]["finetuned"]["cost"]["trained_here"]
+    assert main([*argv, "--seed", "1", "--plan-only"]) == 0
+    text = (root / "docs" / "RESULTS.md").read_text()
+    assert "`transfer` (transfer): seed(s) [1] not run yet" in text
+
+
+def test_plan_without_demo_data_skips_mom_with_a_reason():
+    cells, skipped = C.plan(load_config(REPO / "configs" / "amazon.yaml"), recbole=True)
+    assert {s.name for s in skipped} == {"mom-mom", "mom-fused"}
+    assert all("demo" in s.reason for s in skipped)
+    assert next(c for c in cells if c.name == "transfer").recbole
+
+
+def test_cost_tracker_times_steps_but_not_validation():
+    tr = CostTracker()
+    tr.set_tags({"variant": "model"})
+    tr.log_params({"train.batch_size": 4, "train.drop_last": False, "train.seed": 0})
+    ev = tr.runs["model"]["events"]
+    # 10 rows, batch 4: steps of 4, 4, 2 rows; an evaluation after step 3 (the epoch's end)
+    ev[:] = [("start", 0, 0.0), ("step", 1, 1.0), ("step", 2, 2.0), ("step", 3, 2.5), ("eval", 3, 10.0),
+             ("step", 4, 20.0), ("step", 5, 21.0), ("step", 6, 21.5), ("eval", 6, 30.0)]
+    s = tr.summary("model", 10)
+    # timed: steps 1-3 and 5-6 (step 4 follows an evaluation): 4+4+2+4+2 rows in 1+1+0.5+1+0.5 s
+    assert s["steps_timed"] == 5 and s["sequences_per_second"] == pytest.approx(16 / 4.0)
+    assert s["train_seconds_per_epoch"] == pytest.approx(2.5) and s["wall_seconds_per_epoch"] == pytest.approx(15.0)
+    assert s["epochs"] == 2.0
+    assert tr.summary("missing", 10) == {"trained_here": False}
