@@ -307,6 +307,7 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
     cells = [(c["name"], c["label"]) for c in _cells(res, group)] + list(extra)
     out += [f"### {title} ({domain})", ""]
     if not cells:
+        out += [f"Not applicable: {s['reason']}." for s in res.plan.get("skipped", []) if s["group"] == group][:1] + [""]
         return []
     has_scratch = any(res.model(c, domain, "scratch") for c, _ in cells)
     rows, bars = [], {}
@@ -420,7 +421,15 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
     planned = sum(len(c["seeds"]) for c in res.plan["cells"])
     out += [f"{n} of {planned} planned cell runs have a record (`{os.path.relpath(res.folder, REPO) if REPO in res.folder.resolve().parents else res.folder}`). "
             f"Targets: {', '.join(res.plan['targets'])}; sources: {', '.join(res.plan['sources']) or 'none'}.", ""]
+    seeds = sorted({x for c in res.plan["cells"] for x in c["seeds"]})
+    out += [f"Run (resumes; cells with a record are skipped): `make experiments CONFIG={res.plan['config']} "
+            f"SEEDS=\"{' '.join(map(str, seeds))}\"{' QUICK=1' if res.plan.get('quick') else ''}`.", ""]
     made: list[Path] = []
+    if not res.records:
+        out += ["No cell of this config has run yet (a seed of the full-size shared domains takes hours on this "
+                "2-core machine), so it has no table.", ""]
+        section_missing(res, out)
+        return out, made
     for domain in res.plan["targets"]:
         section_transfer(res, domain, out)
         made += section_fractions(res, domain, out, figs)
