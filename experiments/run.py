@@ -148,6 +148,7 @@ class Runner:
         self.threads = threads
         self.recbole = recbole == "on" or (recbole == "auto" and not quick and recbole_available())
         self.log = log
+        self.code = git_commit()  # the code this process runs: a commit made while it runs is not it
 
     # paths
     def cell_dir(self, cell: C.Cell, seed: int) -> Path:
@@ -273,7 +274,7 @@ class Runner:
             "base_config": os.path.relpath(self.base_path, REPO), "quick": self.quick,
             "config": {"path": _rel(cfg_path), "sha256": _sha256(cfg_path), "overrides": cell.overrides,
                        "source_fraction": cell.source_fraction, "target_fraction": cell.target_fraction, **extra},
-            **git_commit(),
+            **self.code,
             "threads": self.threads,
             "targets": targets,
             "pretrained": None if pre is None else {
