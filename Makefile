@@ -65,8 +65,14 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
+# Every benchmark table in one run (benchmarks/bench.py), each with the load average: catalog import
+# + validation; training throughput and MFU (fp32, bf16) against the matmul peak measured in the same
+# run; feature-cache build vs sentence-transformers; full-ranking evaluation; end-to-end top-2
+# training (CPU, and the GPU when torch sees one). A few minutes on 2 cores. QUICK=1: toy sizes
+# (checks that it all runs); THREADS=N: torch threads (default: every usable core; 1 is steadier
+# when other jobs hold the cores).
 bench: install
-	$(BIN)/python benchmarks/bench_catalog.py
+	$(BIN)/python benchmarks/bench.py $(if $(THREADS),--threads $(THREADS)) $(if $(QUICK),--quick)
 
 # The serving load test on loopback (benchmarks/bench_serving.py --only http): the real service
 # with 2 workers for catalogs of 10K and 100K items, p50 / p99 latency and requests/s at 1, 4 and

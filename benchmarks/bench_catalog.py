@@ -64,13 +64,13 @@ def _run_domain(config: str, domain: str, queue) -> None:
     })
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "real.yaml"))
     ap.add_argument("--domain", action="append")
     ap.add_argument("--repeat", type=int, default=1, help="runs per domain (median reported)")
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from mmrec.config import load_config
 
@@ -78,7 +78,7 @@ def main() -> None:
     domains = args.domain or [d.name for d in cfg.domains]
     ctx = mp.get_context("spawn")
     print(f"# mmrec catalog benchmark: {platform.node()} {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"# config {args.config}, {args.repeat} run(s) per domain, median shown")
+    print(f"# config {args.config}, {args.repeat} run(s) per domain, median shown, load average {load_average()}")
     rows = []
     for domain in domains:
         runs = []
@@ -107,9 +107,15 @@ def main() -> None:
     total_work = sum(r["import_s"] + r["validation_s"] + r["preprocess_s"] for r in rows)
     total_val = sum(r["validation_s"] for r in rows)
     print(f"all domains: wall {sum(r['wall_s'] for r in rows):.2f} s, validation {100 * total_val / total_work:.0f}% of import+validation+preprocess time, "
-          f"max peak RSS {max(r['peak_rss_mb'] for r in rows):.0f} MB")
+          f"max peak RSS {max(r['peak_rss_mb'] for r in rows):.0f} MB; load average {load_average()} (1, 5, 15 min)")
+    sys.stdout.flush()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark: feature-cache build, training and evaluation throughput of the model (prints figures; not a test).
 
-Sections (``--only text,image,train,eval``; all by default):
+Sections (``--only mfu,text,image,train,eval,top2``; all by default, in this order;
+``benchmarks/bench.py``, i.e. ``make bench``, runs ``mfu,text,eval,top2`` after the catalog benchmark):
 
 text
     The packaged all-MiniLM-L6-v2 (the cpu preset's ``text_encoder``: k=0 trained layers, 32 tokens)
@@ -50,11 +51,31 @@ eval
     ``mmrec.experiment.evaluate_vectors`` end to end on the MovieLens test split with the
     cached-k=0 model (item vectors from ``all_item_vectors`` timed separately; the rest includes
     the user encoder, masking of each user's whole history, metrics and the cold subset).
+mfu
+    Model FLOP utilisation of the cpu preset model (cached k=0, as in ``train``) in fp32 and under
+    bf16 autocast, on the CPU and, when torch sees one, on the GPU. A step is the library's own
+    ``mmrec.training._train_step`` (forward, backward, clipping, AdamW) on the same fixed batches.
+    Model FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward of every
+    timed batch, in an untimed pass before the first row (matmuls, convolutions and attention, as
+    torch counts them; the CPU's fused attention kernel is added to its table; element-wise work
+    and the optimizer are not counted, as usual for MFU); the count holds for every row, since
+    autocast changes dtypes, not shapes. Peak: the best GFLOP/s of large square
+    ``torch.mm`` / ``F.linear`` calls in the same dtype, on the same device and thread count, measured
+    in the same run (``matmul_peak``). MFU = achieved / peak.
+top2
+    The text encoder's top 2 layers trained end to end, as PMMRec does (``trainable_layers: 2``):
+    raw token ids of every item, so each step runs MiniLM's frozen embeddings and bottom 4 layers
+    on the items it touches, then the top 2 forward and backward; the image side stays the cpu
+    preset's frozen, cached EfficientNet-Lite0 tokens (the ``train`` section's end-to-end row
+    also trains the image blocks). Same columns as ``mfu``: fp32 on the CPU; on a GPU (when
+    ``torch.cuda.is_available()``) bf16 autocast and fp32; without one the table says so.
 
-Numbers depend on the machine and on what else runs on it: the header prints the load average.
+Numbers depend on the machine and on what else runs on it: the header and every table print the
+load average.
 
-    .venv/bin/python benchmarks/bench_model.py [--only text,image,train,eval] [--threads 2]
+    .venv/bin/python benchmarks/bench_model.py [--only mfu,text,image,train,eval,top2] [--threads 2]
         [--texts 2000] [--posters 300] [--image-workers 0[,2]] [--batch 32] [--warmup 2] [--steps 10]
+        [--top2-batch 16] [--top2-warmup 1] [--top2-steps 3] [--peak-max-n 4096] [--peak-seconds 0.5]
         [--users 10000] [--items 100000] [--ml-items 0] [--cache-dir DIR] [--json FILE]
 
 ``--ml-items N`` keeps only the first N MovieLens item ids (and their interactions) for train and
@@ -82,11 +103,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from bench_catalog import load_average  # noqa: E402  (benchmarks/ is the script's folder)
 
 AMAZON = Path("/work/shared/datasets/amazon-instrument")
 MOVIELENS = Path("/work/shared/datasets/movielens-100k")
 PRESET = REPO / "configs" / "presets" / "cpu.yaml"
-SECTIONS = ("text", "image", "train", "eval")
+SECTIONS = ("mfu", "text", "image", "train", "eval", "top2")
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -100,6 +122,7 @@ def table(title: str, head: tuple[str, ...], rows: list[tuple], notes: list[str]
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths))))
     for n in notes:
         print(f"  {n}")
+    print(f"  load average {load_average()} (1, 5, 15 min) when this table was printed")
     sys.stdout.flush()
 
 
@@ -125,9 +148,8 @@ def cpu_model() -> str:
 
 def header(args) -> None:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"# mmrec model benchmark: {platform.node()}, {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
-          f"load average {load}")
+          f"load average {load_average()}")
     print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, "
           f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"# sections: {','.join(args.only)}")
@@ -147,13 +169,13 @@ def preset() -> dict:
     return yaml.safe_load(PRESET.read_text())
 
 
-def model_config(k: int):
-    """The cpu preset's model with the top ``k`` text layers and image blocks trained."""
+def model_config(k: int, image_k: int | None = None):
+    """The cpu preset's model with the top ``k`` text layers and ``image_k`` (default ``k``) image blocks trained."""
     from mmrec.models.recommender import ModelConfig
 
     data = copy.deepcopy(preset()["model"])
     data["text_encoder"]["trainable_layers"] = k
-    data["image_encoder"]["trainable_blocks"] = k
+    data["image_encoder"]["trainable_blocks"] = k if image_k is None else image_k
     return ModelConfig.from_dict(data)
 
 
@@ -207,6 +229,14 @@ class MovieLens:
         self._cached[k] = content
         return content
 
+    def raw_text(self, text_encoder) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``has_text`` (N+1,) and the token ids + masks (N+1, T) of every item (row 0 = padding)."""
+        items = self.pre.catalog.items.sort("item_idx")
+        texts = items.select(self.pre.catalog.text().alias("t"))["t"].to_list()
+        has_text = torch.tensor([False] + [bool(t and t.strip()) for t in texts])
+        tok = text_encoder.tokenize([t or "" for t in texts])
+        return has_text, {k: torch.cat([torch.zeros_like(v[:1]), v]) for k, v in tok.items()}
+
     def raw_content(self, text_encoder, image_encoder):
         """``ItemContent`` with raw inputs: token ids + masks and uint8 pixels of every item."""
         from torchvision import transforms as T
@@ -215,13 +245,10 @@ class MovieLens:
 
         t0 = time.perf_counter()
         items = self.pre.catalog.items.sort("item_idx")
-        texts = items.select(self.pre.catalog.text().alias("t"))["t"].to_list()
         refs = items["image"].to_list()
         n = items.height
-        has_text = torch.tensor([False] + [bool(t and t.strip()) for t in texts])
+        has_text, text = self.raw_text(text_encoder)
         has_image = torch.tensor([False] + [bool(r) for r in refs])
-        tok = text_encoder.tokenize([t or "" for t in texts])
-        text = {k: torch.cat([torch.zeros_like(v[:1]), v]) for k, v in tok.items()}  # row 0 = padding
         # the encoder's own transform up to the crop, kept as uint8 (the tower normalises)
         to_uint8 = T.Compose([*image_encoder.transform().transforms[:-2], T.PILToTensor()])
         size = image_encoder.cfg.image_size
@@ -307,40 +334,52 @@ def bench_image(args, results: dict) -> None:
     results["image"] = records(("run", "items", "hits", "encoded", "seconds", "items_per_s"), rows)
 
 
-def _batches(ml: MovieLens, args) -> list[torch.Tensor]:
+def _batches(ml: MovieLens, batch: int, n: int) -> list[torch.Tensor]:
+    """``n`` fixed random batches of ``batch`` training sequences (B, L+1), the same on every call."""
     from mmrec.data.sequences import TrainExamples
 
     cfg = model_config(0)
     examples = TrainExamples(ml.data.train_examples(cfg.max_len)).examples  # (U', L+1)
     g = torch.Generator().manual_seed(0)
-    n = args.warmup + args.steps
-    order = torch.cat([torch.randperm(len(examples), generator=g) for _ in range(-(-n * args.batch // len(examples)))])
-    return [examples[order[i * args.batch:(i + 1) * args.batch]] for i in range(n)]
+    order = torch.cat([torch.randperm(len(examples), generator=g) for _ in range(-(-n * batch // len(examples)))])
+    return [examples[order[i * batch:(i + 1) * batch]] for i in range(n)]
 
 
-def _train_steps(model, batches: list[torch.Tensor], warmup: int) -> tuple[float, float]:
-    from mmrec.training import TrainConfig, build_optimizer
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+def _time_steps(model, batches: list[torch.Tensor], warmup: int, bf16: bool = False) -> tuple[float, float]:
+    """Seconds of the optimizer steps after the first ``warmup`` ones and their mean loss. A step is
+    the library's ``mmrec.training._train_step`` (batch to the model's device, forward under bf16
+    autocast when asked, backward, clipping at 1.0, AdamW with the preset's finetune lr and weight
+    decay); the device is synchronised before the clock starts and stops."""
+    from mmrec.training import StepSums, TrainConfig, TrainState, _train_step, build_optimizer, build_scheduler
+
+    device = next(model.parameters()).device
     ft = preset()["finetune"]
-    opt = build_optimizer(model, TrainConfig(lr=ft["lr"], weight_decay=ft["weight_decay"]))
-    params = [p for g in opt.param_groups for p in g["params"]]
-    model.train()
-    t0 = None
-    for i, seq in enumerate(batches):
-        if i == warmup:
+    cfg = TrainConfig(lr=ft["lr"], weight_decay=ft["weight_decay"], bf16=bf16, progress=False)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, len(batches))
+    sums, state = StepSums(device), TrainState(n_examples=1)
+    t0 = time.perf_counter()
+    for s, seq in enumerate(batches):
+        if s == warmup:
+            sums.flush(TrainState(n_examples=1))  # warm-up losses dropped (and checked)
+            _sync(device)
             t0 = time.perf_counter()
-        loss = model.training_loss({"seq": seq})["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-    return time.perf_counter() - t0, loss.item()
+        _train_step(model, {"seq": seq}, opt, sched, cfg, device, s, sums)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    sums.flush(state)  # raises on a non-finite loss or gradient norm
+    return seconds, state.log_sums["loss"] / state.log_count
 
 
 def bench_train(args, ml: MovieLens, results: dict, models: dict) -> None:
     from mmrec.models.recommender import Recommender
 
-    batches = _batches(ml, args)
+    batches = _batches(ml, args.batch, args.warmup + args.steps)
     uniq = sum(int(torch.unique(b[b > 0]).numel()) for b in batches) / len(batches)
     train_seqs = ml.data.train_examples(model_config(0).max_len)
     rows = []
@@ -353,7 +392,7 @@ def bench_train(args, ml: MovieLens, results: dict, models: dict) -> None:
         else:
             content = ml.raw_content(model.item_tower.text.encoder, model.item_tower.image.encoder)
         model.attach(content, train_seqs)
-        s, loss = _train_steps(model, batches, args.warmup)
+        s, loss = _time_steps(model, batches, args.warmup)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rows.append((label, f"{n_train / 1e6:.2f} M", args.steps, f"{s / args.steps:.2f}", f"{args.steps * args.batch / s:,.1f}", f"{loss:.3f}"))
         if k == 0:
@@ -363,8 +402,8 @@ def bench_train(args, ml: MovieLens, results: dict, models: dict) -> None:
              f"{uniq:.0f} distinct items per batch on average; {args.warmup} warm-up step(s) not timed"]
     notes += [f"built before timing: {k} {v:.1f} s" for k, v in ml.build_s.items()]
     table("training: cpu preset model (fused, d=64, SASRec, softmax+NICL+NID+RCL) on MovieLens-100K, AdamW step",
-          ("variant", "trained params", "steps", "s/step", "sequences/s", "last loss"), rows, notes)
-    results["train"] = records(("variant", "trained_params", "steps", "s_per_step", "sequences_per_s", "last_loss"), rows)
+          ("variant", "trained params", "steps", "s/step", "sequences/s", "mean loss"), rows, notes)
+    results["train"] = records(("variant", "trained_params", "steps", "s_per_step", "sequences_per_s", "mean_loss"), rows)
     results["build_s"] = dict(ml.build_s)
 
 
@@ -405,33 +444,236 @@ def bench_eval(args, ml: MovieLens, results: dict, models: dict) -> None:
     results["eval"] = records(("run", "users", "items", "seconds", "users_per_s"), rows)
 
 
+# --- model FLOPs and the matmul peak -------------------------------------------------------------
+
+
+def devices() -> list[torch.device]:
+    """The CPU, and the current CUDA device when torch sees one."""
+    return [torch.device("cpu")] + ([torch.device("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else [])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def flop_counter():
+    """``FlopCounterMode`` that also counts the CPU's fused attention kernel: torch's table has the
+    CUDA attention kernels but not ``_scaled_dot_product_flash_attention_for_cpu``, which
+    ``F.scaled_dot_product_attention`` runs on the CPU; its FLOPs are those of the CUDA flash kernel."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments as shapes
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    })
+
+
+def step_flops(model, seq: torch.Tensor, bf16: bool = False) -> int:
+    """Model FLOPs of one training step on ``seq``: the forward (under bf16 autocast when asked, as
+    ``_train_step`` runs it) and the backward; the gradients are dropped afterwards. Counted before
+    any timed step of the model, in train mode (dropout as in training)."""
+    device = next(model.parameters()).device
+    model.train()
+    state = model.generator.get_state()  # negatives and corruption: the timed steps draw as if uncounted
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), flop_counter() as counter:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.training_loss({"seq": seq.to(device)})["loss"].float()
+        loss.backward()
+    model.generator.set_state(state)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int, seconds: float) -> dict:
+    """The machine's matmul peak, measured here and now: the fastest single call of square
+    ``torch.mm`` and ``F.linear`` (n = 256, 512, ... up to ``max_n``, growing while the next size's
+    call would take under 4 x ``seconds``), each size called for about ``seconds`` after a warm call.
+    The fastest call, not the mean: a peak is what the hardware does in its best moment, while the
+    training steps are timed as they come (so background load lowers MFU, and the tables say how
+    loaded the machine was)."""
+    import torch.nn.functional as F
+
+    best = {"gflops": 0.0, "kernel": ""}
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, op in (("mm", torch.mm), ("linear", F.linear)):
+        n = 256
+        while True:
+            a = torch.randn(n, n, generator=g, device=device).to(dtype)
+            b = torch.randn(n, n, generator=g, device=device).to(dtype)
+            op(a, b)
+            _sync(device)
+            calls, spent, fastest = 0, 0.0, float("inf")
+            while calls < 2 or (spent < seconds and calls < 1000):
+                t0 = time.perf_counter()
+                op(a, b)
+                _sync(device)
+                took = time.perf_counter() - t0
+                calls, spent, fastest = calls + 1, spent + took, min(fastest, took)
+            gflops = 2 * n**3 / fastest / 1e9
+            if gflops > best["gflops"]:
+                best = {"gflops": gflops, "kernel": f"{name} {n}x{n}"}
+            if n >= max_n or 8 * fastest > 4 * seconds:
+                break
+            n *= 2
+    return best
+
+
+class Peaks:
+    """``matmul_peak`` per (device, dtype), measured once per run, on first use."""
+
+    def __init__(self, max_n: int, seconds: float):
+        self.max_n, self.seconds = max_n, seconds
+        self.measured: dict[tuple[str, str], dict] = {}
+
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> dict:
+        key = (str(device), str(dtype).removeprefix("torch."))
+        if key not in self.measured:
+            max_n = self.max_n if device.type == "cpu" else max(self.max_n, 8192)
+            self.measured[key] = matmul_peak(device, dtype, max_n, self.seconds)
+        return self.measured[key]
+
+
+def measure_mfu(model, batches: list[torch.Tensor], warmup: int, bf16: bool, flops: int, peaks: Peaks) -> dict:
+    """Time the steps after ``warmup`` and set their model FLOPs (``flops``: of those timed batches,
+    from ``step_flops``) against the peak of the same device and dtype."""
+    device = next(model.parameters()).device
+    seconds, loss = _time_steps(model, batches, warmup, bf16)
+    timed_batches = batches[warmup:]
+    peak = peaks(device, torch.bfloat16 if bf16 else torch.float32)
+    steps, batch = len(timed_batches), len(timed_batches[0])
+    achieved = flops / seconds / 1e9
+    return {
+        "device": str(device), "precision": "bf16 autocast" if bf16 else "fp32", "batch": batch, "steps": steps,
+        "s_per_step": seconds / steps, "sequences_per_s": steps * batch / seconds,
+        "gflop_per_step": flops / steps / 1e9, "achieved_gflops": achieved, "peak_gflops": peak["gflops"],
+        "peak_kernel": peak["kernel"], "mfu_pct": 100 * achieved / peak["gflops"], "mean_loss": loss,
+    }
+
+
+MFU_HEAD = ("device", "precision", "batch", "steps", "s/step", "sequences/s", "GFLOP/step", "achieved GFLOP/s",
+            "peak GFLOP/s", "MFU %", "mean loss")
+
+
+def mfu_row(r: dict) -> tuple:
+    return (r["device"], r["precision"], r["batch"], r["steps"], f"{r['s_per_step']:.3f}", f"{r['sequences_per_s']:,.1f}",
+            f"{r['gflop_per_step']:.2f}", f"{r['achieved_gflops']:,.2f}", f"{r['peak_gflops']:,.1f}",
+            f"{r['mfu_pct']:.2f}", f"{r['mean_loss']:.3f}")
+
+
+def peak_notes(peaks: Peaks) -> list[str]:
+    return [f"peak {dev} {dtype}: {p['gflops']:,.1f} GFLOP/s (fastest call: {p['kernel']}; of torch.mm / F.linear sizes)"
+            for (dev, dtype), p in peaks.measured.items()]
+
+
+def bench_mfu(args, ml: MovieLens, results: dict, models: dict, peaks: Peaks) -> None:
+    from mmrec.models.recommender import Recommender
+
+    cfg = model_config(0)
+    content, train_seqs = ml.cached_content(0), ml.data.train_examples(cfg.max_len)
+    batches = _batches(ml, args.batch, args.warmup + args.steps)
+    flops = None
+    out = []
+    for device in devices():
+        for bf16 in (False, True):
+            torch.manual_seed(0)
+            model = Recommender(cfg, ml.n_items).to(device).attach(content, train_seqs)
+            flops = flops or sum(step_flops(model, seq) for seq in batches[args.warmup:])
+            out.append(measure_mfu(model, batches, args.warmup, bf16, flops, peaks))
+            if device.type == "cpu" and not bf16:
+                models["cached k=0"] = model
+    notes = [f"{ml.n_items} items; the same {args.warmup} untimed + {args.steps} timed batches of {args.batch} users for "
+             f"every row; FLOPs: FlopCounterMode over forward + backward of the timed batches, counted once (fp32, "
+             f"untimed) for every row: autocast changes dtypes, not the matmul shapes",
+             *[f"{d}: {device_name(d)}" for d in devices()], *peak_notes(peaks)]
+    if not torch.cuda.is_available():
+        notes.append("no GPU present (torch.cuda.is_available() is False): CPU rows only")
+    table(f"model FLOP utilisation: cpu preset model (cached k=0) on MovieLens-100K, one AdamW step of the library's "
+          f"_train_step, {torch.get_num_threads()} CPU threads", MFU_HEAD, [mfu_row(r) for r in out], notes)
+    results["mfu"] = out
+    results["peak"] = {f"{d} {t}": p for (d, t), p in peaks.measured.items()}
+
+
+def bench_top2(args, ml: MovieLens, results: dict, peaks: Peaks) -> None:
+    from mmrec.models.recommender import Recommender
+    from mmrec.models.towers import ItemContent
+
+    cfg = model_config(2, image_k=0)
+    cached = ml.cached_content(0)  # the image side: frozen Lite0 tokens from the k=0 cache
+    train_seqs = ml.data.train_examples(cfg.max_len)
+    batches = _batches(ml, args.top2_batch, args.top2_warmup + args.top2_steps)
+    out, tok_s, flops = [], None, None
+    for device in devices():
+        for bf16 in ((True, False) if device.type == "cuda" else (False,)):
+            torch.manual_seed(0)
+            model = Recommender(cfg, ml.n_items)
+            (has_text, text), s = timed(lambda: ml.raw_text(model.item_tower.text.encoder))
+            tok_s = tok_s or s
+            content = ItemContent(ml.n_items, has_text, cached.has_image.clone(), text=text, image=cached.image)
+            model.to(device).attach(content, train_seqs)
+            flops = flops or sum(step_flops(model, seq) for seq in batches[args.top2_warmup:])
+            out.append(measure_mfu(model, batches, args.top2_warmup, bf16, flops, peaks))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    uniq = sum(int(torch.unique(b[b > 0]).numel()) for b in batches) / len(batches)
+    rows = [mfu_row(r) for r in out]
+    notes = [f"text: {cfg.text_encoder.name}, trainable_layers 2 (embeddings + 4 frozen layers run every step on raw "
+             f"token ids, max_length {cfg.text_encoder.max_length}, every title padded to the catalog's longest "
+             f"({text['input_ids'].shape[1]} tokens; the padding is computed and counted)); image: cached k=0 tokens; "
+             f"{n_train / 1e6:.2f} M trained "
+             f"parameters; {uniq:.0f} distinct items per batch on average; tokenizing every item {tok_s:.1f} s (before timing)",
+             *[f"{d}: {device_name(d)}" for d in devices()], *peak_notes(peaks)]
+    if not torch.cuda.is_available():
+        rows.append(("cuda", "no GPU present", "", "", "", "", "", "", "", "", ""))
+        notes.append("cuda row not run: no GPU present (torch.cuda.is_available() is False); "
+                     "on a GPU machine this table adds bf16 autocast and fp32 rows (see also benchmarks/gpu_check.sh)")
+    table("end-to-end top-2 training: cpu preset model, MiniLM top 2 layers trained from raw text, MovieLens-100K",
+          MFU_HEAD, rows, notes)
+    results["top2"] = out
+    results["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    results["peak"] = {f"{d} {t}": p for (d, t), p in peaks.measured.items()}
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections out of {','.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--texts", type=int, default=2000, help="Amazon-Instrument titles to encode (text)")
     ap.add_argument("--posters", type=int, default=300, help="MovieLens posters to encode (image)")
     ap.add_argument("--image-workers", default="0", help="comma-separated DataLoader worker counts (image), e.g. 0,2")
-    ap.add_argument("--batch", type=int, default=32, help="users per training step (train)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed training steps first (train)")
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps (train)")
+    ap.add_argument("--batch", type=int, default=32, help="users per training step (train, mfu)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed training steps first (train, mfu)")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps (train, mfu)")
+    ap.add_argument("--top2-batch", type=int, default=16, help="users per training step (top2)")
+    ap.add_argument("--top2-warmup", type=int, default=1, help="untimed training steps first (top2)")
+    ap.add_argument("--top2-steps", type=int, default=3, help="timed training steps (top2)")
+    ap.add_argument("--peak-max-n", type=int, default=4096, help="largest square matmul for the CPU peak (mfu, top2)")
+    ap.add_argument("--peak-seconds", type=float, default=0.5, help="time per matmul size for the peak (mfu, top2)")
     ap.add_argument("--users", type=int, default=10000, help="users ranked with random vectors (eval)")
     ap.add_argument("--items", type=int, default=100000, help="catalog size for the random-vector ranking (eval)")
     ap.add_argument("--ml-items", type=int, default=0,
                     help="keep only the first N MovieLens item ids (train, eval; quick checks); 0: all")
     ap.add_argument("--cache-dir", help="feature cache for the MovieLens contents (train, eval); default: a temporary folder")
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.only) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {unknown}; valid: {list(SECTIONS)}")
     args.image_workers = [int(w) for w in args.image_workers.split(",")]
-    if min(args.texts, args.posters, args.batch, args.steps, args.users, args.items) < 1 or args.warmup < 0:
-        ap.error("sizes must be >= 1 (--warmup >= 0)")
+    if min(args.texts, args.posters, args.batch, args.steps, args.users, args.items, args.top2_batch, args.top2_steps,
+           args.peak_max_n) < 1 or min(args.warmup, args.top2_warmup) < 0 or not args.peak_seconds > 0:
+        ap.error("sizes must be >= 1 (--warmup, --top2-warmup >= 0; --peak-seconds > 0)")
 
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -440,9 +682,12 @@ def main() -> None:
     header(args)
     results: dict = {"threads": args.threads, "torch": torch.__version__}
     models: dict = {}
+    peaks = Peaks(args.peak_max_n, args.peak_seconds)
     with tempfile.TemporaryDirectory(prefix="bench-model-cache-") as tmp:
         ml = MovieLens(Path(args.cache_dir) if args.cache_dir else Path(tmp), args.ml_items)
         t0 = time.perf_counter()
+        if "mfu" in args.only:
+            bench_mfu(args, ml, results, models, peaks)
         if "text" in args.only:
             bench_text(args, results)
         if "image" in args.only:
@@ -451,9 +696,14 @@ def main() -> None:
             bench_train(args, ml, results, models)
         if "eval" in args.only:
             bench_eval(args, ml, results, models)
-    print(f"\ntotal wall {time.perf_counter() - t0:.1f} s")
+        if "top2" in args.only:
+            bench_top2(args, ml, results, peaks)
+    results["wall_s"] = time.perf_counter() - t0
+    results["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    print(f"\nmodel benchmark wall {results['wall_s']:.1f} s, load average {load_average()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":
