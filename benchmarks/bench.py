@@ -10,8 +10,8 @@ In this order, each table with the load average at the time it was printed:
 5. top2: end-to-end training of the text encoder's top 2 layers on the CPU, and on the GPU when
    torch sees one (the table says when there is none).
 
-The default sizes took 6 min with ``--threads 1`` on the 2-core machine at load average 3 to 6
-(two training jobs beside it); ``--quick`` is a toy size (34 s there), for checking that every
+The default sizes took 6 min with ``--threads 1`` and 10.6 min with 2 threads on the 2-core machine
+at load average 3 to 6 (two training jobs beside it); ``--quick`` is a toy size (34 s there), for checking that every
 table runs, not for comparison: tiny batches, the first 48 MovieLens items, small peak matmuls.
 Under background load, 2 threads can be far slower than 1 (the threads wait for each other while
 the other jobs hold the cores): compare the two with ``--threads``.
