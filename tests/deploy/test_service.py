@@ -180,8 +180,10 @@ def test_invalid_base64_and_missing_content(server):
     _is_error(*server.call("GET", "/nowhere"), 404, "not_found", "Not Found")
 
 
-def _pids_seen(server, check, attempts: int = 40) -> set[int]:
-    """Call ``check`` on fresh connections until two worker processes answered (or attempts run out)."""
+def _pids_seen(server, check, attempts: int = 200) -> set[int]:
+    """Call ``check`` on fresh connections until two worker processes answered (or attempts run out).
+    The kernel hands a new connection to whichever worker accepts first: on a loaded machine one
+    worker can take dozens in a row, hence many attempts and a short pause between them."""
     pids = set()
     for _ in range(attempts):
         status, health = server.call("GET", "/health")
@@ -189,6 +191,7 @@ def _pids_seen(server, check, attempts: int = 40) -> set[int]:
         check()
         if len(pids) >= 2:
             break
+        time.sleep(0.02)
     return pids
 
 
