@@ -149,6 +149,13 @@ def _line_plot(path: Path, title: str, xlabel: str, series: dict[str, list[tuple
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write ``path`` (folders made) and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -180,11 +187,7 @@ def _bar_plot(path: Path, title: str, bars: dict[str, dict[str, list[float]]]) -
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # -- sections --------------------------------------------------------------------------------------
