@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +67,8 @@ class CostTracker:
     logs its loss, so the time between two consecutive step logs with no evaluation in between is
     one step (its batch loading included). Validation and checkpoints are excluded from the step
     time and included in the wall time per epoch. A run resumed from a finished checkpoint (trained
-    by another cell) logs no step: its cost reads "not trained here"."""
+    by another cell, or by ``mmrec run``) logs no step: ``cost`` then reads its own log instead
+    (``log_cost``) and marks it ``trained_here: false``."""
 
     def __init__(self):
         self.runs: dict[str, dict[str, Any]] = {}
@@ -100,13 +102,7 @@ class CostTracker:
         steps = [e for e in (run or {}).get("events", []) if e[0] == "step"]
         if not steps:
             return {"trained_here": False}
-        bs = run["params"]["batch_size"]
-        per_epoch = -(-n_rows // bs) if not run["params"]["drop_last"] else n_rows // bs
-
-        def rows(step: int) -> int:  # the 1-based step's batch: full, except the last of an epoch
-            last = (step - 1) % per_epoch == per_epoch - 1
-            return n_rows - bs * (per_epoch - 1) if last and not run["params"]["drop_last"] else bs
-
+        per_epoch, rows = _batches(n_rows, run["params"]["batch_size"], run["params"]["drop_last"])
         events = run["events"]
         seconds = sequences = 0.0
         for prev, cur in zip(events, events[1:]):
@@ -127,6 +123,65 @@ class CostTracker:
         if evals and epochs > 0:
             out["wall_seconds_per_epoch"] = (evals[-1][2] - first[2]) / epochs
         return out
+
+    def cost(self, name: str, n_rows: int, run_dir: Path) -> dict[str, Any]:
+        """``summary`` when this process trained run ``name``; otherwise the cost read back from the
+        run's own log (``log_cost``: resumed from a finished checkpoint, trained by another cell or
+        by ``mmrec run``), ``trained_here`` false."""
+        s = self.summary(name, n_rows)
+        if s["trained_here"]:
+            return s
+        return {**log_cost(run_dir, n_rows), "trained_here": False}
+
+
+def _batches(n_rows: int, batch_size: int, drop_last: bool):
+    """Steps per epoch, and the number of rows of the 1-based step ``s`` (full batches, except the
+    last of an epoch when it is kept)."""
+    per_epoch = -(-n_rows // batch_size) if not drop_last else n_rows // batch_size
+
+    def rows(step: int) -> int:
+        last = (step - 1) % per_epoch == per_epoch - 1
+        return n_rows - batch_size * (per_epoch - 1) if last and not drop_last else batch_size
+
+    return per_epoch, rows
+
+
+def log_cost(run_dir: Path, n_rows: int) -> dict[str, Any]:
+    """Training cost of a finished run read back from its own log (``<run_dir>/log``: every
+    ``log_every``-th step and every validation is logged with its wall-clock time). Time per row is
+    the median over the intervals between consecutive step logs with no validation between them, the
+    wall time per epoch the median between consecutive validations (medians: a run stopped and resumed
+    has one interval that is not training). Empty when the run has no log or too few lines."""
+    from mmrec.tracking import read_jsonl_run
+
+    try:
+        log = read_jsonl_run(Path(run_dir) / "log")
+        bs, drop_last = int(log.params["train.batch_size"]), bool(log.params["train.drop_last"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return {"source": "run log", "available": False}
+    per_epoch, rows = _batches(n_rows, bs, drop_last)
+    events = []
+    for r in log.metrics:
+        names = r.get("metrics", {})
+        kind = "step" if any(k.startswith("train/") for k in names) else "eval" if any(
+            k.startswith("val/") for k in names) else "end"
+        if r.get("step") is not None and r.get("time") is not None:
+            events.append((kind, int(r["step"]), float(r["time"])))
+    per_row = [(c[2] - p[2]) / sum(rows(s) for s in range(p[1] + 1, c[1] + 1))
+               for p, c in zip(events, events[1:]) if p[0] == c[0] == "step" and c[1] > p[1] and c[2] > p[2]]
+    evals = [e for e in events if e[0] == "eval"]
+    per_epoch_wall = [(b[2] - a[2]) * per_epoch / (b[1] - a[1]) for a, b in zip(evals, evals[1:])
+                      if b[1] > a[1] and b[2] > a[2]]
+    out: dict[str, Any] = {"source": "run log", "available": bool(per_row), "rows_per_epoch": n_rows,
+                           "intervals_timed": len(per_row)}
+    steps = max((e[1] for e in events), default=0)
+    out["steps"], out["epochs"] = steps, round(steps / per_epoch, 3)
+    if per_row:
+        out["sequences_per_second"] = 1.0 / statistics.median(per_row)
+        out["train_seconds_per_epoch"] = n_rows / out["sequences_per_second"]
+    if per_epoch_wall:
+        out["wall_seconds_per_epoch"] = statistics.median(per_epoch_wall)
+    return out
 
 
 # -- cells ---------------------------------------------------------------------------------------
@@ -205,7 +260,20 @@ class Runner:
             raise RuntimeError(f"cells failed (see the log above): {failed}")
         return written
 
+    def adopts(self, cell: C.Cell) -> bool:
+        """Whether ``cell`` is the base config as it is (``transfer``, outside ``--quick``). It then runs
+        in the artifacts folder of ``mmrec run --config <base> --seed N`` with that config, not in a
+        derived copy: a seed already run by ``mmrec run`` (and ``mmrec compare``) is read back from its
+        finished checkpoints, evaluated and recorded, not trained twice, and what ``mmrec run`` and
+        ``mmrec metrics`` print is what the record holds."""
+        return (not self.quick and not cell.overrides and cell.demo is None and cell.source_fraction == 1.0
+                and cell.target_fraction == 1.0 and self.cfg.evaluation().history == "masked")
+
     def cell_config(self, cell: C.Cell, seed: int) -> tuple[PipelineConfig, Path, dict[str, Any]]:
+        if self.adopts(cell):
+            cfg = self.cfg.with_seed(seed)
+            return cfg, self.base_path, {"seed": seed, "artifacts": _rel(cfg.artifacts),
+                                         "as": f"mmrec run --config {_rel(self.base_path)} --seed {seed}"}
         cdir = self.cell_dir(cell, seed)
         cdir.mkdir(parents=True, exist_ok=True)
         demo = C.demo_spec(self.cfg, cell, self.quick)
@@ -256,10 +324,18 @@ class Runner:
         torch.set_num_threads(self.threads)
         started = time.time()
         cfg, cfg_path, extra = self.cell_config(cell, seed)
-        (self.work / "runs").mkdir(parents=True, exist_ok=True)
-        _link(cfg.artifacts / "runs", self.work / "runs")
-        self.log(f"[experiments] {cell.name} seed {seed}: {cfg_path.relative_to(self.out.parent) if self.out.parent in cfg_path.parents else cfg_path}")
-        self._data_stages(cfg)
+        adopted = self.adopts(cell)
+        if adopted:
+            self.log(f"[experiments] {cell.name} seed {seed}: {extra['as']} (artifacts {extra['artifacts']})")
+            for d in cfg.domains:  # what `mmrec run` would do, minus the data stages already done
+                for stage in DATA_STAGES:
+                    if not (cfg.artifact_path(stage, d.name) / DONE_FILE[stage]).is_file():
+                        stages.STAGE_FUNCTIONS[stage](cfg, d.name, progress=False)
+        else:
+            (self.work / "runs").mkdir(parents=True, exist_ok=True)
+            _link(cfg.artifacts / "runs", self.work / "runs")
+            self.log(f"[experiments] {cell.name} seed {seed}: {cfg_path.relative_to(self.out.parent) if self.out.parent in cfg_path.parents else cfg_path}")
+            self._data_stages(cfg)
         cost = CostTracker()
         pre = None
         if stages.stage_domains(cfg, "pretrained_model"):
@@ -276,10 +352,12 @@ class Runner:
                        "source_fraction": cell.source_fraction, "target_fraction": cell.target_fraction, **extra},
             **self.code,
             "threads": self.threads,
+            "adopted": adopted,
             "targets": targets,
             "pretrained": None if pre is None else {
                 "valid_metrics": pre.metadata["valid_metrics"], "best_step": pre.metadata["best_step"],
-                "steps": pre.metadata["steps"], "cost": cost.summary("pretrained", _source_rows(cfg)),
+                "steps": pre.metadata["steps"],
+                "cost": cost.cost("pretrained", _source_rows(cfg), Path(pre.metadata["run_dir"])),
                 "run_dir": _rel(Path(pre.metadata["run_dir"]))},
             "started": started, "seconds": time.time() - started,
         }
@@ -326,7 +404,7 @@ class Runner:
                 info = ft["variants"][variant_of[name]]
                 m["valid"] = info["valid_metrics"]
                 m["best_step"], m["steps"], m["stopped_early"] = info["best_step"], info["steps"], info["stopped_early"]
-                m["cost"] = cost.summary(variant_of[name], n_rows)
+                m["cost"] = cost.cost(variant_of[name], n_rows, Path(info["run_dir"]))
                 m["run_dir"] = _rel(Path(info["run_dir"]))
             elif is_recbole:
                 rb_rec = recbole["recbole"]

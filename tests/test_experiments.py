@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 
 import numpy as np
 import polars as pl
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from experiments import cells as C
-from experiments.run import CostTracker, main
+from experiments.run import CostTracker, log_cost, main
 from mmrec.config import load_config
 from tests.conftest import REPO
 
@@ -164,3 +165,71 @@ def test_cost_tracker_times_steps_but_not_validation():
     assert s["train_seconds_per_epoch"] == pytest.approx(2.5) and s["wall_seconds_per_epoch"] == pytest.approx(15.0)
     assert s["epochs"] == 2.0
     assert tr.summary("missing", 10) == {"trained_here": False}
+
+
+def _write_log(folder, lines, batch_size=4, drop_last=False):
+    (folder / "log").mkdir(parents=True)
+    (folder / "log" / "params.json").write_text(json.dumps({"train.batch_size": batch_size, "train.drop_last": drop_last}))
+    (folder / "log" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "time": t, "metrics": {key: 1.0}}) + "\n" for key, step, t in lines))
+
+
+def test_log_cost_reads_a_run_that_another_process_trained(tmp_path):
+    # 12 rows, batch 4: 3 steps an epoch, every step logged, a validation at each epoch's end; the
+    # process was stopped after the first epoch and resumed 1000 s later (one interval is not training)
+    _write_log(tmp_path, [("train/loss", 1, 10.0), ("train/loss", 2, 11.0), ("train/loss", 3, 12.0),
+                          ("val/NDCG@10", 3, 20.0),
+                          ("train/loss", 4, 1021.0), ("train/loss", 5, 1022.0), ("train/loss", 6, 1023.0),
+                          ("val/NDCG@10", 6, 1031.0),
+                          ("train/loss", 7, 1032.0), ("train/loss", 8, 1033.0), ("train/loss", 9, 1034.0),
+                          ("val/NDCG@10", 9, 1042.0),
+                          ("train/loss", 10, 1043.0), ("train/loss", 11, 1044.0), ("train/loss", 12, 1045.0),
+                          ("val/NDCG@10", 12, 1053.0)])
+    s = log_cost(tmp_path, 12)
+    assert s["available"] and s["source"] == "run log" and s["intervals_timed"] == 8
+    assert s["sequences_per_second"] == pytest.approx(4.0) and s["train_seconds_per_epoch"] == pytest.approx(3.0)
+    assert s["wall_seconds_per_epoch"] == pytest.approx(11.0)  # median of 1011 s (resumed), 11 s, 11 s
+    assert s["steps"] == 12 and s["epochs"] == pytest.approx(4.0)
+    # every 2nd step logged (log_every 2): an interval spans two steps, the short last batch counted right
+    other = tmp_path / "other"
+    _write_log(other, [("train/loss", 2, 0.0), ("train/loss", 4, 2.0), ("train/loss", 6, 3.5)], batch_size=4)
+    s = log_cost(other, 10)  # steps of 4, 4, 2 rows: step 3 has 2 rows
+    assert s["intervals_timed"] == 2 and s["sequences_per_second"] == pytest.approx(1 / statistics.median([2.0 / 6, 1.5 / 6]))
+    assert log_cost(tmp_path / "missing", 12) == {"source": "run log", "available": False}
+
+
+def test_the_transfer_cell_adopts_what_mmrec_run_trained(tmp_path):
+    """Outside --quick the transfer cell is `mmrec run --seed N`: a seed it already trained is evaluated
+    from its finished checkpoints into the record (no new run), with the cost read from the runs' logs."""
+    from mmrec.cli import main as mmrec_main
+    from mmrec.data.synthetic import generate_demo
+    from tests.orchestration.test_assets import write_tiny_project
+
+    train = {"epochs": 2, "patience": 2, "progress": False, "log_every": 1, "batch_size": 8}
+    path = write_tiny_project(tmp_path, pretrain=train, finetune=train)
+    cfg = load_config(path)
+    generate_demo(cfg.demo, cfg.demo_path, progress=False)
+    assert mmrec_main(["run", "--config", str(path), "-q", "--seed", "1"]) == 0
+    seeded = cfg.with_seed(1)
+    assert seeded.artifacts.name == "artifacts-seed1"
+    runs = sorted(p for p in (seeded.artifacts / "runs").rglob("*") if p.parent.parent.parent.name == "runs")
+    evaluated = json.loads((seeded.artifact_path("evaluation", "films") / "metrics.json").read_text())
+    argv = ["--config", str(path), "--seed", "1", "--cells", "transfer", "--recbole", "off",
+            "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")]
+    assert main(argv) == 0
+    rec = json.loads((tmp_path / "docs" / "results" / "pipeline" / "records" / "transfer-seed1.json").read_text())
+    assert rec["adopted"] and rec["config"]["as"].endswith("--seed 1") and rec["config"]["artifacts"].endswith("artifacts-seed1")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["config"]["sha256"]
+    assert sorted(p for p in (seeded.artifacts / "runs").rglob("*") if p.parent.parent.parent.name == "runs") == runs
+    assert not (tmp_path / "out" / "pipeline" / "cells").exists()  # nothing derived, nothing trained again
+    t = rec["targets"]["films"]
+    assert set(t["models"]) == set(evaluated["models"]) == {"finetuned", "scratch"}
+    for model in t["models"]:
+        assert t["models"][model]["test"] == evaluated["models"][model]
+    for model in ("finetuned", "scratch"):
+        cost = t["models"][model]["cost"]
+        assert not cost["trained_here"] and cost["available"] and cost["sequences_per_second"] > 0
+        assert cost["epochs"] == pytest.approx(2.0) and str(seeded.artifacts.name) in t["models"][model]["run_dir"]
+    assert not rec["pretrained"]["cost"]["trained_here"] and rec["pretrained"]["cost"]["sequences_per_second"] > 0
+    text = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "(read from the run's log)" in text and "transfer-seed1.json" in text
