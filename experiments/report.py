@@ -119,6 +119,13 @@ def gap_text(g) -> str:
     return f"{100 * g.gap:+.2f} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]{' *' if g.low > 0 or g.high < 0 else ''}"
 
 
+def rel_text(g) -> str:
+    """The gap and its interval as a share of the subtracted row's mean (the project's targets are relative)."""
+    if g is None or not g.mean_b:
+        return "-"
+    return f"{100 * g.relative:+.1f} % [{100 * g.low / g.mean_b:+.1f}, {100 * g.high / g.mean_b:+.1f}]"
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -235,9 +242,10 @@ def section_transfer(res: Results, domain: str, out: list[str]) -> None:
         gap = None if m == "finetuned" else res.gap((cell, "finetuned"), (cell, m), domain)
         rows.append([MODEL_LABEL[m], fmt(_values(e, ("test", "HR@10"))), fmt(_values(e, ("test", METRIC))),
                      fmt(_values(e, ("valid", METRIC))), fmt(_values(e, ("cold", "HR@10"))),
-                     "" if m == "finetuned" else gap_text(gap)])
+                     "" if m == "finetuned" else gap_text(gap), "" if m == "finetuned" else rel_text(gap)])
     rec = res.get(cell, res.seeds(cell)[0])["targets"][domain]
-    out += _table(["model", "HR@10", "NDCG@10", "valid NDCG@10", "cold HR@10", "fine-tuned minus row, NDCG@10 [95 %]"], rows)
+    out += _table(["model", "HR@10", "NDCG@10", "valid NDCG@10", "cold HR@10", "fine-tuned minus row, NDCG@10 [95 %]",
+                   "same, % of the row's NDCG@10"], rows)
     out += ["", f"Test split, {rec['n_users']} users ({rec['n_cold_users']} with a cold-start target), masked protocol, "
             f"values in % ({_seeds_note(res, [cell])}; mean ± sample sd over seeds when more than one). Intervals: paired "
             "bootstrap over users, seeds averaged per user; `*` where the interval excludes zero. "
