@@ -15,7 +15,10 @@ models' metrics are not the point and are not printed.
 
 Needs ``validated_catalog`` and ``item_features`` of the domain and, for the RecBole row,
 ``.venv-recbole`` (`make compare` builds it). Prints a table; writes
-``<artifacts>/bench/epoch_time-<domain>-t<threads>.json``.
+``<artifacts>/bench/epoch_time-<domain>-t<threads>.json`` and the same file into
+``docs/results/<config name>/bench/`` (``--records``), from which ``python -m experiments
+--report-only`` puts it into docs/RESULTS.md. Commit that record only from a run on an otherwise
+idle machine.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def main(argv=None) -> int:
                    help="finetuned_model's variants to time (model = the content model; scratch, sasrec, id_tower)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--records", help="folder that also gets the record, for docs/RESULTS.md (default "
+                   "docs/results/<config name>/bench; '' for none)")
     p.add_argument("--recbole-python", default=str(REPO / ".venv-recbole" / "bin" / "python"),
                    help="RecBole's environment (`make compare` builds it); the RecBole row is skipped when missing")
     args = p.parse_args(argv)
@@ -136,6 +141,11 @@ def main(argv=None) -> int:
     out = cfg.artifacts / "bench" / f"epoch_time-{name}-t{args.threads}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, record)
+    records = Path(REPO / "docs" / "results" / Path(args.config).stem / "bench") if args.records is None else (
+        Path(args.records) if args.records else None)
+    if records is not None:  # `make experiments` / `python -m experiments --report-only` put it in RESULTS.md
+        records.mkdir(parents=True, exist_ok=True)
+        write_json(records / out.name, record)
     print(f"## {name}: {data.n_users} users, {data.n_items} items, {targets} training targets an epoch; "
           f"{args.threads} thread(s), {args.epochs} epochs each, load average {record['load_average'][0]:.1f}")
     print("| model | batch | s/epoch (steps only) | targets/s | share of RecBole's epoch |")

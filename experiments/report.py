@@ -431,6 +431,41 @@ def section_missing(res: Results, out: list[str]) -> None:
     out += (lines or ["None: every planned cell has a record for every planned seed."]) + [""]
 
 
+def section_epoch_time(res: Results, out: list[str]) -> None:
+    """``benchmarks/epoch_time.py``'s records of this config (``<records>/../bench/``): seconds per
+    epoch of mmrec's models against RecBole's SASRec on the same split, machine and threads."""
+    paths = sorted((res.folder.parent / "bench").glob("epoch_time-*.json"))
+    if not paths:
+        return
+    out += ["### Epoch time against RecBole's SASRec", ""]
+    rows = []
+    for path in paths:
+        rec = json.loads(path.read_text())
+        for r in rec["rows"]:
+            share = r.get("share_of_recbole_epoch")
+            label = "content model (the fine-tuning recipe, from scratch)" if r["model"] == "model" else MODEL_LABEL.get(
+                r["model"], r["model"])
+            rows.append([rec["domain"], label,
+                         str(rec["threads"]), str(r.get("batch_size", "-")), f"{r['seconds_per_epoch']:.1f}",
+                         f"{r['targets_per_second']:.0f}", "-" if share is None else f"{share:.2f}"])
+    out += _table(["domain", "model", "threads", "batch", "s/epoch (optimizer steps only)", "targets/s",
+                   "share of RecBole's epoch"], rows)
+    lines = []
+    for path in paths:
+        rec = json.loads(path.read_text())
+        load = rec.get("load_average") or ["?"]
+        lines.append(f"`{os.path.relpath(path, REPO) if REPO in path.resolve().parents else path.name}` (commit "
+                     f"{rec.get('commit') or '?'}, load average {load[0]:.1f} at the end, "
+                     f"`python benchmarks/epoch_time.py --config {rec['config']} --domain {rec['domain']} --threads "
+                     f"{rec['threads']} --epochs {rec['epochs']}`)")
+    out += ["", "An epoch is every training interaction as a next-item target once, in both codes (RecBole trains "
+            "each prefix of a sequence as a row, mmrec one row of the last L+1 items per user); each model trains "
+            "from scratch with its own batch size, first epoch kept. Each record's load average says how idle the "
+            "machine was (about 1.0: nothing but the benchmark); under load RecBole slows most, so compare rows of "
+            "one record only. Records: "
+            + "; ".join(lines) + ".", ""]
+
+
 def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
     figs = docs / "results" / res.name
     out = [f"## `{res.plan['config']}`" + (" (`--quick`: toy size, tests the script, not the numbers)" if res.plan.get("quick") else ""), ""]
@@ -445,6 +480,7 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
     if not res.records:
         out += ["No cell of this config has run yet (a seed of the full-size shared domains takes hours on this "
                 "2-core machine), so it has no table.", ""]
+        section_epoch_time(res, out)
         section_missing(res, out)
         return out, made
     for domain in res.plan["targets"]:
@@ -463,6 +499,7 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
                           fig_name="objective.png")
         section_cold(res, domain, out)
         section_cost(res, domain, out)
+    section_epoch_time(res, out)
     section_missing(res, out)
     return out, made
 

@@ -233,3 +233,28 @@ def test_the_transfer_cell_adopts_what_mmrec_run_trained(tmp_path):
     assert not rec["pretrained"]["cost"]["trained_here"] and rec["pretrained"]["cost"]["sequences_per_second"] > 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "(read from the run's log)" in text and "transfer-seed1.json" in text
+
+
+def test_epoch_time_records_reach_the_results_page(tmp_path):
+    """A benchmarks/epoch_time.py record beside a config's records becomes a table with its command."""
+    records = tmp_path / "docs" / "results" / "demo" / "records"
+    records.mkdir(parents=True)
+    (records / "plan.json").write_text(json.dumps({"config": "configs/demo.yaml", "name": "demo", "quick": False,
+                                                   "targets": ["films"], "sources": [], "recbole": True,
+                                                   "cells": [], "skipped": []}))
+    bench = records.parent / "bench"
+    bench.mkdir()
+    rec = {"config": "configs/demo.yaml", "domain": "films", "threads": 1, "epochs": 2, "commit": "abc1234",
+           "load_average": [1.02, 1.5, 2.0], "rows": [
+               {"model": "model", "batch_size": 64, "seconds_per_epoch": 6.0, "targets_per_second": 100.0,
+                "share_of_recbole_epoch": 0.3},
+               {"model": "recbole_sasrec", "batch_size": 2048, "seconds_per_epoch": 20.0, "targets_per_second": 30.0,
+                "share_of_recbole_epoch": 1.0}]}
+    (bench / "epoch_time-films-t1.json").write_text(json.dumps(rec))
+    from experiments import report
+
+    text = report.write_report(tmp_path / "docs", [records]).read_text()
+    part = text[text.index("### Epoch time against RecBole's SASRec"):]
+    assert "| films | content model (the fine-tuning recipe, from scratch) | 1 | 64 | 6.0 | 100 | 0.30 |" in part
+    assert "| films | RecBole 1.2.1 SASRec | 1 | 2048 | 20.0 | 30 | 1.00 |" in part
+    assert "commit abc1234, load average 1.0" in part and "--domain films --threads 1 --epochs 2`" in part
