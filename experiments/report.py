@@ -391,7 +391,7 @@ def section_cost(res: Results, domain: str, out: list[str]) -> None:
             (MODEL_LABEL[m], res.model(c, domain, m)) for m in MODEL_ORDER if m != "zero_shot" and res.model(c, domain, m)]
         for label, e in entries:
             trained = [m["cost"] for m in e.values() if m.get("cost", {}).get("trained_here")
-                       or m.get("cost", {}).get("sequences_per_second")]
+                       or m.get("cost", {}).get("sequences_per_second") or m.get("cost", {}).get("wall_seconds_per_epoch")]
             if not trained:
                 rows.append([label, "trained by another cell (run reused; no log)", "-", "-", "-"])
                 continue
@@ -412,7 +412,8 @@ def section_cost(res: Results, domain: str, out: list[str]) -> None:
             "s/epoch adds validation and checkpoints. Rows marked \"read from the run's log\" were trained by an earlier "
             "process (`mmrec run`, another cell, or a run stopped and resumed): their step time is the median over the "
             "run log's intervals between consecutive logged steps, its wall time the median between validations, "
-            "under whatever load that process had. An epoch is one row of the last L+1 items per user (every "
+            "under whatever load that process had (a run with fewer steps an epoch than its `log_every` has no step "
+            "interval to time: only its wall time). An epoch is one row of the last L+1 items per user (every "
             "position a target). RecBole's row is its own timing: its epoch is every prefix of every training "
             "sequence, so compare seconds per epoch, not sequences/s. " + _trace(res, cells), ""]
 
