@@ -246,7 +246,8 @@ def section_transfer(res: Results, domain: str, out: list[str]) -> None:
     rec = res.get(cell, res.seeds(cell)[0])["targets"][domain]
     out += _table(["model", "HR@10", "NDCG@10", "valid NDCG@10", "cold HR@10", "fine-tuned minus row, NDCG@10 [95 %]",
                    "same, % of the row's NDCG@10"], rows)
-    out += ["", f"Test split, {rec['n_users']} users ({rec['n_cold_users']} with a cold-start target), masked protocol, "
+    out += ["", f"Test split, {rec['n_users']} users ({rec['n_cold_users']} with a cold-start target) on {rec['n_items']} "
+            "items, masked protocol, "
             f"values in % ({_seeds_note(res, [cell])}; mean ± sample sd over seeds when more than one). Intervals: paired "
             "bootstrap over users, seeds averaged per user; `*` where the interval excludes zero. "
             + ("" if "recbole_sasrec" in models else "RecBole's SASRec: not run (no `.venv-recbole`, or `--recbole off`). ")
