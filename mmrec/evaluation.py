@@ -36,8 +36,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-HISTORY_MODES = ("masked", "keep_all")
-"""How the user's history is treated in the ranking; see the module docstring."""
+# How the user's history is treated in the ranking (see the module docstring): one definition, in
+# mmrec.config, which validates the same modes ranks() implements.
+from mmrec.config import HISTORY_MODES
 
 ScoreFn = Callable[[Tensor], Tensor]
 """``score_fn(user_idx (b,)) -> (b, N+1)`` scores; column 0 (padding) is ignored."""

@@ -28,6 +28,13 @@ Determinism and exact resume
   records its device type and resumes only on that type: a CUDA generator's state and stream are
   not a CPU one's. On CUDA, bit-exact resume also needs deterministic kernels
   (``torch.use_deterministic_algorithms``; ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
+- Distributed (``torchrun``, ``mmrec.distributed``): every rank draws the same global batch list
+  and takes its own contiguous rows of each batch (``distributed.shard``); the model is wrapped in
+  DistributedDataParallel; rank 0 alone evaluates (its metrics, or its error, broadcast so every
+  rank takes the same early-stopping decision), writes checkpoints, ``best/`` and logs. Ranks above
+  0 seed their own dropout stream; the owned generators (the global batch's draws) are shared. A
+  checkpoint also holds every rank's torch / CUDA / numpy / random state (``ranks.pt``,
+  ``state.json``'s ``ranks``) and resumes only with the same number of processes.
 - Exactness holds with ``num_workers=0``. With worker processes, randomness *inside* the dataset
   or collate function happens in the workers (seeded per epoch, not per batch), so it is not exact
   after a mid-epoch resume; randomness in the model stays exact.
