@@ -143,7 +143,8 @@ def _line_plot(path: Path, title: str, xlabel: str, series: dict[str, list[tuple
     import matplotlib.pyplot as plt
 
     series = {k: sorted(v) for k, v in series.items() if v}
-    if not series:
+    if len({x for pts in series.values() for x, _ in pts}) < 2:  # one share alone is not a line
+        path.unlink(missing_ok=True)  # nor is a figure left from an earlier report
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for name, pts in series.items():
@@ -178,7 +179,8 @@ def _bar_plot(path: Path, title: str, bars: dict[str, dict[str, list[float]]]) -
     import matplotlib.pyplot as plt
 
     bars = {k: v for k, v in bars.items() if any(v.values())}
-    if not bars:
+    if len(bars) < 2:  # one row alone compares nothing
+        path.unlink(missing_ok=True)
         return None
     series = sorted({s for v in bars.values() for s in v}, key=lambda s: MODEL_ORDER.index(s) if s in MODEL_ORDER else 99)
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(bars)), 4.2), dpi=110)

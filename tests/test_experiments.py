@@ -258,3 +258,16 @@ def test_epoch_time_records_reach_the_results_page(tmp_path):
     assert "| films | content model (the fine-tuning recipe, from scratch) | 1 | 64 | 6.0 | 100 | 0.30 |" in part
     assert "| films | RecBole 1.2.1 SASRec | 1 | 2048 | 20.0 | 30 | 1.00 |" in part
     assert "commit abc1234, load average 1.0" in part and "--domain films --threads 1 --epochs 2`" in part
+
+
+def test_a_single_share_or_row_draws_no_figure_and_removes_a_stale_one(tmp_path):
+    from experiments import report
+
+    line, bar = tmp_path / "line.png", tmp_path / "bar.png"
+    line.write_bytes(b"stale")
+    bar.write_bytes(b"stale")
+    assert report._line_plot(line, "t", "x", {"finetuned": [(1.0, [0.1, 0.2])], "scratch": [(1.0, [0.1])]}) is None
+    assert report._bar_plot(bar, "t", {"transfer": {"finetuned": [0.1]}}) is None
+    assert not line.exists() and not bar.exists()
+    assert report._line_plot(line, "t", "x", {"finetuned": [(0.5, [0.1]), (1.0, [0.2])]}) == line and line.is_file()
+    assert report._bar_plot(bar, "t", {"a": {"finetuned": [0.1]}, "b": {"finetuned": [0.2]}}) == bar and bar.is_file()
