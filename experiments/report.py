@@ -381,6 +381,30 @@ def section_cold(res: Results, domain: str, out: list[str]) -> None:
             "Smaller target shares leave more items unseen. " + _trace(res, cells), ""]
 
 
+def section_frequency(res: Results, domain: str, out: list[str]) -> None:
+    """The transfer cell's test NDCG@10 by how often the user's test target occurs in the target's
+    training sequences (records made before the split was recorded have none and are left out)."""
+    cell = "transfer"
+    seeds = [s for s in res.seeds(cell)
+             if res.get(cell, s)["targets"][domain]["models"].get("finetuned", {}).get("by_target_frequency")]
+    if not seeds:
+        return
+    first = res.get(cell, seeds[0])["targets"][domain]["models"]["finetuned"]["by_target_frequency"]
+    buckets = list(first)
+    rows = []
+    for m in MODEL_ORDER:
+        per_seed = [res.get(cell, s)["targets"][domain]["models"].get(m, {}).get("by_target_frequency") for s in seeds]
+        if not all(per_seed):
+            continue
+        rows.append([MODEL_LABEL[m]] + [fmt([p[b][METRIC] for p in per_seed if p[b][METRIC] is not None]) for b in buckets])
+    head = ["model"] + [f"{b} ({first[b]['n_users']} users)" for b in buckets]
+    out += [f"### Where the gains are: test targets by how often they occur in training ({domain})", ""]
+    out += _table(head, rows)
+    out += ["", f"Test {METRIC} (%) of the transfer cell's models, users grouped by how many times their test item "
+            "occurs in the target's training sequences (0 = a cold-start target; the groups are the same for every "
+            f"model and seed). Seeds {seeds}; mean ± sample sd over seeds. " + _trace(res, [cell]), ""]
+
+
 def section_cost(res: Results, domain: str, out: list[str]) -> None:
     out += [f"### Training cost ({domain})", ""]
     rows = []
@@ -502,6 +526,7 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
                           note="Each auxiliary loss is added alone to the next-item loss, in pretraining and fine-tuning.",
                           fig_name="objective.png")
         section_cold(res, domain, out)
+        section_frequency(res, domain, out)
         section_cost(res, domain, out)
     section_epoch_time(res, out)
     section_missing(res, out)

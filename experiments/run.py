@@ -41,6 +41,12 @@ REPO = C.REPO
 DATA_STAGES = ("raw_catalog", "validated_catalog", "item_features")
 DONE_FILE = {"raw_catalog": "catalog.json", "validated_catalog": "splits.parquet", "item_features": "features.safetensors"}
 KS_REPORTED = ("HR@10", "NDCG@10")
+FREQUENCY_BUCKETS = ((0, 0), (1, 2), (3, 5), (6, 10), (11, None))
+"""How often a user's test target occurs in the target's training sequences (0 = cold start)."""
+
+
+def bucket_name(low: int, high: int | None) -> str:
+    return f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
 
 
 def git_commit() -> dict[str, Any]:
@@ -367,6 +373,7 @@ class Runner:
 
     def _target_record(self, cfg: PipelineConfig, cell: C.Cell, seed: int, domain: str, ft: dict, ev: dict,
                        cost: CostTracker) -> dict[str, Any]:
+        import numpy as np
         import polars as pl
 
         from mmrec.compare import per_user
@@ -376,6 +383,9 @@ class Runner:
         n_items = pl.read_parquet(cfg.artifact_path("validated_catalog", domain) / "item_map.parquet").height
         data = SequenceData.from_splits(splits, n_items)
         cold = data.cold_items()[data.test].numpy()  # (U,) the user's test target never occurs in training
+        flat = [i for seq in data.train for i in seq]
+        counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=n_items + 1) if flat else np.zeros(n_items + 1, int)
+        target_count = counts[data.test.numpy()]  # (U,) occurrences of the test target in training (0 iff cold)
         ranks = stages.read_ranks(cfg, domain)
         recbole = None
         if cell.recbole and self.recbole:
@@ -387,6 +397,7 @@ class Runner:
             recbole = r
         ranks_path = self.records / f"{cell.name}-seed{seed}{'' if len(cfg.targets) == 1 else '-' + domain}.ranks.parquet"
         frame = pl.DataFrame({"user_idx": list(range(data.n_users)), "cold": cold.tolist(),
+                              "target_train_count": target_count.tolist(),
                               **{n: r.tolist() for n, r in ranks.items()}})
         tmp = ranks_path.with_name("." + ranks_path.name + ".tmp")
         frame.write_parquet(tmp)
@@ -400,6 +411,12 @@ class Runner:
             for subset, mask in (("warm", ~cold), ("cold", cold)):
                 m[subset] = {"n_users": int(mask.sum()),
                              **{k: (float(per_user(r[mask], k).mean()) if mask.any() else None) for k in KS_REPORTED}}
+            m["by_target_frequency"] = {}
+            for low, high in FREQUENCY_BUCKETS:
+                mask = (target_count >= low) & (target_count <= (np.inf if high is None else high))
+                m["by_target_frequency"][bucket_name(low, high)] = {
+                    "n_users": int(mask.sum()),
+                    **{k: (float(per_user(r[mask], k).mean()) if mask.any() else None) for k in KS_REPORTED}}
             if name in variant_of:
                 info = ft["variants"][variant_of[name]]
                 m["valid"] = info["valid_metrics"]

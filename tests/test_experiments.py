@@ -101,6 +101,10 @@ def test_cold_warm_and_cost_come_from_the_run(quick):
         assert m["warm"]["n_users"] + m["cold"]["n_users"] == t["n_users"]
         if t["n_cold_users"]:
             assert m["cold"]["HR@10"] == pytest.approx(m["test"]["cold/HR@10"])
+        # frequency groups partition the users; group "0" is exactly the cold-start users
+        freq = m["by_target_frequency"]
+        assert sum(b["n_users"] for b in freq.values()) == t["n_users"] and freq["0"]["n_users"] == t["n_cold_users"]
+    assert ((ranks["target_train_count"] == 0) == ranks["cold"]).all()
     transfer = _record(records, "transfer")
     cost = transfer["targets"]["films"]["models"]["finetuned"]["cost"]
     assert cost["trained_here"] and cost["sequences_per_second"] > 0 and cost["wall_seconds_per_epoch"] > 0
@@ -233,6 +237,15 @@ def test_the_transfer_cell_adopts_what_mmrec_run_trained(tmp_path):
     assert not rec["pretrained"]["cost"]["trained_here"] and rec["pretrained"]["cost"]["sequences_per_second"] > 0
     text = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "(read from the run's log)" in text and "transfer-seed1.json" in text
+    # NDCG@10 by how often the test target occurs in training, per group, from the record's ranks
+    ranks = pl.read_parquet(t["ranks"]["path"])
+    counts, nd = ranks["target_train_count"].to_numpy(), ranks["finetuned"].to_numpy()
+    freq = t["models"]["finetuned"]["by_target_frequency"]
+    hi = counts >= 11
+    assert freq["11+"]["n_users"] == int(hi.sum())
+    if hi.any():
+        assert freq["11+"]["NDCG@10"] == pytest.approx(float(np.where(nd[hi] <= 10, 1 / np.log2(nd[hi] + 1), 0).mean()))
+    assert "### Where the gains are: test targets by how often they occur in training (films)" in text
 
 
 def test_epoch_time_records_reach_the_results_page(tmp_path):
