@@ -390,7 +390,7 @@ def section_frequency(res: Results, domain: str, out: list[str]) -> None:
     if not seeds:
         return
     first = res.get(cell, seeds[0])["targets"][domain]["models"]["finetuned"]["by_target_frequency"]
-    buckets = list(first)
+    buckets = sorted(first, key=lambda b: int(b.rstrip("+").split("-")[0]))  # the record's JSON keys are sorted as text
     rows = []
     for m in MODEL_ORDER:
         per_seed = [res.get(cell, s)["targets"][domain]["models"].get(m, {}).get("by_target_frequency") for s in seeds]
