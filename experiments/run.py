@@ -11,6 +11,11 @@ Layout (``--out``, default ``artifacts/experiments``; git-ignored)::
     <out>/raw/<hash>/                               generated demo data
     <out>/feature_cache/                            the feature cache of these runs (never the project's)
 
+The ``transfer`` cell (outside ``--quick``) is the exception: it is the base config as it is, so it
+runs in the folder of ``mmrec run --config <base> --seed N`` (``<artifacts>`` or ``<artifacts>-seedN``,
+the project's feature cache) and a seed ``mmrec run`` has trained is evaluated, not trained again
+(``Runner.adopts``).
+
 Records (``--records``, default ``docs/results/<name>/records``): ``<cell>-seed<N>.json`` and the
 test ranks ``<cell>-seed<N>.ranks.parquet`` beside it, plus ``plan.json`` (cells and seeds asked
 for, cells this config cannot have). ``<name>`` is the base config's file name (``-quick`` added
