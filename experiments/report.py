@@ -467,8 +467,8 @@ def section_epoch_time(res: Results, out: list[str]) -> None:
         return
     out += ["### Epoch time against RecBole's SASRec", ""]
     rows = []
-    for path in paths:
-        rec = json.loads(path.read_text())
+    records = {path: json.loads(path.read_text()) for path in paths}
+    for rec in records.values():
         for r in rec["rows"]:
             share = r.get("share_of_recbole_epoch")
             label = "content model (the fine-tuning recipe, from scratch)" if r["model"] == "model" else MODEL_LABEL.get(
@@ -479,8 +479,7 @@ def section_epoch_time(res: Results, out: list[str]) -> None:
     out += _table(["domain", "model", "threads", "batch", "s/epoch (optimizer steps only)", "targets/s",
                    "share of RecBole's epoch"], rows)
     lines = []
-    for path in paths:
-        rec = json.loads(path.read_text())
+    for path, rec in records.items():
         load = rec.get("load_average") or ["?"]
         lines.append(f"`{os.path.relpath(path, REPO) if REPO in path.resolve().parents else path.name}` (commit "
                      f"{rec.get('commit') or '?'}, load average {load[0]:.1f} at the end, "

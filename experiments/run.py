@@ -387,10 +387,9 @@ class Runner:
         splits = pl.read_parquet(cfg.artifact_path("validated_catalog", domain) / "splits.parquet")
         n_items = pl.read_parquet(cfg.artifact_path("validated_catalog", domain) / "item_map.parquet").height
         data = SequenceData.from_splits(splits, n_items)
-        cold = data.cold_items()[data.test].numpy()  # (U,) the user's test target never occurs in training
-        flat = [i for seq in data.train for i in seq]
-        counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=n_items + 1) if flat else np.zeros(n_items + 1, int)
-        target_count = counts[data.test.numpy()]  # (U,) occurrences of the test target in training (0 iff cold)
+        flat = np.asarray([i for seq in data.train for i in seq], dtype=np.int64)
+        target_count = np.bincount(flat, minlength=n_items + 1)[data.test.numpy()]  # (U,) test target's training occurrences
+        cold = target_count == 0  # (U,) the test target never occurs in training (SequenceData.cold_items)
         ranks = stages.read_ranks(cfg, domain)
         recbole = None
         if cell.recbole and self.recbole:
