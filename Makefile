@@ -70,7 +70,9 @@ test-slow: install
 # run; feature-cache build vs sentence-transformers; full-ranking evaluation; end-to-end top-2
 # training (CPU, and the GPU when torch sees one). A few minutes on 2 cores. QUICK=1: toy sizes
 # (checks that it all runs); THREADS=N: torch threads (default: every usable core; 1 is steadier
-# when other jobs hold the cores).
+# when other jobs hold the cores). Writes the tables, command, commit and load averages to
+# docs/results/bench/bench.json (QUICK=1: no record); `python -m experiments --report-only` puts
+# them into docs/RESULTS.md's Benchmarks section. Commit a record only from an otherwise idle machine.
 bench: install
 	$(BIN)/python benchmarks/bench.py $(if $(THREADS),--threads $(THREADS)) $(if $(QUICK),--quick)
 
@@ -78,6 +80,8 @@ bench: install
 # with 2 workers for catalogs of 10K and 100K items, p50 / p99 latency and requests/s at 1, 4 and
 # 16 closed-loop clients (BENCH_SECONDS per row, default 10), then the latency of adding an item.
 # About 2 minutes with the default; ONLY=recommend,faiss,http adds the in-process sections.
+# Writes docs/results/bench/bench_serving-<sections>.json (e.g. bench_serving-http.json; a rerun of
+# the same sections replaces it), rendered into docs/RESULTS.md by `python -m experiments --report-only`.
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serving.py --only $(or $(ONLY),http) --seconds $(or $(BENCH_SECONDS),10)
 

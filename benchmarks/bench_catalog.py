@@ -94,24 +94,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         med = {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k] for k in runs[0]}
         rows.append(med)
 
-    head = ("domain", "items", "images", "interactions", "import s", "validate s", "(GX import s)", "preproc s", "wall s", "validation share", "peak RSS MB")
-    lines = [head]
-    for r in rows:
-        work = r["import_s"] + r["validation_s"] + r["preprocess_s"]
-        lines.append((r["domain"], str(r["items"]), str(r["images"]), str(r["interactions"]), f"{r['import_s']:.2f}",
-                      f"{r['validation_s']:.2f}", f"{r['gx_import_s']:.2f}", f"{r['preprocess_s']:.2f}", f"{r['wall_s']:.2f}",
-                      f"{100 * r['validation_s'] / work:.0f}%", f"{r['peak_rss_mb']:.0f}"))
+    head, cells, note = table_cells(rows)
+    lines = [head, *cells]
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     for x in lines:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths))))
-    total_work = sum(r["import_s"] + r["validation_s"] + r["preprocess_s"] for r in rows)
-    total_val = sum(r["validation_s"] for r in rows)
-    print(f"all domains: wall {sum(r['wall_s'] for r in rows):.2f} s, validation {100 * total_val / total_work:.0f}% of import+validation+preprocess time, "
-          f"max peak RSS {max(r['peak_rss_mb'] for r in rows):.0f} MB; load average {load_average()} (1, 5, 15 min)")
+    print(f"{note}; load average {load_average()} (1, 5, 15 min)")
     sys.stdout.flush()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
+
+
+HEAD = ("domain", "items", "images", "interactions", "import s", "validate s", "(GX import s)", "preproc s", "wall s",
+        "validation share", "peak RSS MB")
+
+
+def table_cells(rows: list[dict]) -> tuple[tuple[str, ...], list[tuple[str, ...]], str]:
+    """The table as printed: its head, one row of formatted cells per domain, and the all-domains line
+    (``benchmarks/bench.py`` records the same cells)."""
+    cells = []
+    for r in rows:
+        work = r["import_s"] + r["validation_s"] + r["preprocess_s"]
+        cells.append((r["domain"], str(r["items"]), str(r["images"]), str(r["interactions"]), f"{r['import_s']:.2f}",
+                      f"{r['validation_s']:.2f}", f"{r['gx_import_s']:.2f}", f"{r['preprocess_s']:.2f}", f"{r['wall_s']:.2f}",
+                      f"{100 * r['validation_s'] / work:.0f}%", f"{r['peak_rss_mb']:.0f}"))
+    total_work = sum(r["import_s"] + r["validation_s"] + r["preprocess_s"] for r in rows)
+    total_val = sum(r["validation_s"] for r in rows)
+    note = (f"all domains: wall {sum(r['wall_s'] for r in rows):.2f} s, validation {100 * total_val / total_work:.0f}% of "
+            f"import+validation+preprocess time, max peak RSS {max(r['peak_rss_mb'] for r in rows):.0f} MB")
+    return HEAD, cells, note
 
 
 def load_average() -> str:

@@ -25,8 +25,14 @@ http
     requests/s. Then the latency of adding one item (``PUT /items``, text) and of the next
     recommend request that sees it. The load generator runs on the same machine as the server.
 
+Every table also goes, as printed, into one JSON record per set of sections,
+``docs/results/bench/bench_serving-<sections>.json`` by default (``--records DIR``; ``''`` for
+none; a rerun of the same sections replaces it), with the command, the commit, the load averages
+and the machine; ``python -m experiments --report-only`` puts it into docs/RESULTS.md.
+
     .venv/bin/python benchmarks/bench_serving.py [--only recommend,faiss,http] [--items 100000]
         [--reps 200] [--workers 2] [--seconds 10] [--clients 1,4,16] [--http-items 10000,100000]
+        [--records DIR]
 """
 
 from __future__ import annotations
@@ -50,10 +56,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import bench  # noqa: E402  (benchmarks/ is the script's folder: the record helpers)
 from mmrec.export import ExportedModel  # noqa: E402
 from mmrec.models.recommender import ModelConfig, Recommender  # noqa: E402
 
 D, L = 64, 20
+SECTIONS = ("recommend", "faiss", "http")
 USER_ENCODER = {"name": "sasrec", "n_layers": 2, "n_heads": 2, "dropout": 0.0}
 OBJECTIVE = {"name": "softmax", "nicl_enabled": False, "nid_weight": 0, "rcl_weight": 0}
 
@@ -99,7 +107,7 @@ def stats(times: list[float]) -> tuple[float, float]:
     return statistics.median(s) * 1e3, s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)] * 1e3
 
 
-def bench_recommend(n: int, reps: int) -> None:
+def bench_recommend(n: int, reps: int) -> dict:
     cfg = ModelConfig.from_dict({"dim": D, "max_len": L, "item_tower": {"name": "id", "dropout": 0.0},
                                  "user_encoder": USER_ENCODER, "objective": OBJECTIVE})
     torch.manual_seed(0)
@@ -116,8 +124,10 @@ def bench_recommend(n: int, reps: int) -> None:
              ("1 user, k=10", "q @ E.T + topk only", lambda h: (q @ vecs.T).topk(10), hists),
              ("64 users, k=100", "before", lambda b: recommend_before(exp, b, k=100), batches),
              ("64 users, k=100", "after", lambda b: exp.recommend(b, k=100), batches)]
-    print(f"\n## ExportedModel.recommend, {n:,} items, d={D}, history {L}, 1 thread")
+    title = f"ExportedModel.recommend, {n:,} items, d={D}, history {L}, 1 thread"
+    print(f"\n## {title}")
     print(f"{'':<16} {'':<22} {'median ms':>10} {'p99 ms':>8} {'calls':>6}")
+    rows = []
     for case, name, fn, inputs in cases:
         for h in inputs[:5]:
             fn(h)
@@ -128,16 +138,20 @@ def bench_recommend(n: int, reps: int) -> None:
             times.append(time.perf_counter() - t)
         med, p99 = stats(times)
         print(f"{case:<16} {name:<22} {med:>10.2f} {p99:>8.2f} {len(times):>6}")
+        rows.append((case, name, f"{med:.2f}", f"{p99:.2f}", len(times)))
+    return bench.table(title, ("case", "implementation", "median ms", "p99 ms", "calls"), rows)
 
 
-def bench_faiss(n: int) -> None:
+def bench_faiss(n: int) -> dict:
     from mmrec.serving import FaissModel, build_faiss_index
 
     cfg = ModelConfig.from_dict({"dim": D, "max_len": L, "item_tower": {"name": "id", "dropout": 0.0},
                                  "user_encoder": USER_ENCODER, "objective": OBJECTIVE})
     model = Recommender(cfg, n_items=1).eval()
-    print(f"\n## faiss IVF vs exact top-10, {n:,} items, d={D}, 200 users, 1 thread")
+    title = f"faiss IVF vs exact top-10, {n:,} items, d={D}, 200 users, 1 thread"
+    print(f"\n## {title}")
     print(f"{'vectors':<10} {'nprobe':>6} {'recall@10':>10} {'median ms/user':>15}   (exact: median ms/user)")
+    rows = []
     for kind in ("clustered", "gaussian"):
         vecs, users = clustered(n)
         if kind == "gaussian":
@@ -167,6 +181,10 @@ def bench_faiss(n: int) -> None:
                 hits += len(set(got) & set(tr))
             print(f"{kind:<10} {nprobe:>6} {hits / (10 * len(users)):>10.3f} {stats(times)[0]:>15.3f}   "
                   f"({stats(ex_t)[0]:.3f}; index built in {build_s:.1f} s, nlist {index.nlist})")
+            rows.append((kind, nprobe, f"{hits / (10 * len(users)):.3f}", f"{stats(times)[0]:.3f}",
+                         f"{stats(ex_t)[0]:.3f}", f"{build_s:.1f}", index.nlist))
+    return bench.table(title, ("vectors", "nprobe", "recall@10", "median ms/user", "exact: median ms/user",
+                               "index build s", "nlist"), rows)
 
 
 def make_folder(out: Path, n: int) -> Path:
@@ -241,12 +259,15 @@ def call(port: int, method: str, path: str, body=None) -> tuple[int, dict]:
     return out
 
 
-def bench_http(sizes: list[int], clients: list[int], seconds: float, workers: int) -> None:
+def bench_http(sizes: list[int], clients: list[int], seconds: float, workers: int) -> list[dict]:
+    """The load test's table and the table of adding an item, per catalog size."""
     import socket
 
-    print(f"\n## HTTP service on loopback: {workers} worker(s), 1 torch thread each, POST /recommend "
-          f"(1 user, history {L}, k=10), {seconds:g} s per row; load generator on the same machine")
+    title = (f"HTTP service on loopback: {workers} worker(s), 1 torch thread each, POST /recommend "
+             f"(1 user, history {L}, k=10), {seconds:g} s per row; load generator on the same machine")
+    print(f"\n## {title}")
     print(f"{'items':>8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6}")
+    load_rows, add_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             folder = make_folder(Path(tmp) / f"m{n}", n)
@@ -276,6 +297,7 @@ def bench_http(sizes: list[int], clients: list[int], seconds: float, workers: in
                 for c in clients:
                     p50, p99, rps, err = load(port, n, c, seconds)
                     print(f"{n:>8,} {c:>7} {p50:>8.2f} {p99:>8.2f} {rps:>8.0f} {err:>6}")
+                    load_rows.append((f"{n:,}", c, f"{p50:.2f}", f"{p99:.2f}", f"{rps:.0f}", err))
                 adds = []
                 for j in range(5):
                     t = time.perf_counter()
@@ -288,33 +310,56 @@ def bench_http(sizes: list[int], clients: list[int], seconds: float, workers: in
                 assert status == 200
                 print(f"{'':>8} add one item (PUT /items, text): median {statistics.median(adds) * 1e3:.1f} ms over 5; "
                       f"next recommend that sees it: {first * 1e3:.1f} ms; start-up to ready: {start_s:.1f} s")
+                add_rows.append((f"{n:,}", f"{statistics.median(adds) * 1e3:.1f}", f"{first * 1e3:.1f}", f"{start_s:.1f}"))
             finally:
                 os.killpg(proc.pid, 15)
                 proc.wait(timeout=30)
                 log.close()
+    return [bench.table(title, ("items", "clients", "p50 ms", "p99 ms", "req/s", "errors"), load_rows),
+            bench.table(f"adding an item to the HTTP service ({workers} worker(s)): PUT /items with text, through "
+                        "the tiny text tower", ("items", "add one item: median ms over 5",
+                                                "next recommend that sees it ms", "start-up to ready s"), add_rows)]
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="recommend,faiss,http")
+    p.add_argument("--only", default=",".join(SECTIONS))
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--http-items", default="10000,100000")
+    p.add_argument("--records", help="folder for the run's record, for docs/RESULTS.md (default docs/results/bench; "
+                   "'' for none)")
     args = p.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if not only or only - set(SECTIONS):
+        p.error(f"--only {args.only}: sections are {','.join(SECTIONS)}")
+    folder = bench.records_folder(args.records, quick=False)
+    record = bench.new_record("benchmarks/bench_serving.py", argv)
     torch.set_num_threads(1)
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    only = set(args.only.split(","))
+    tables = []
     if "recommend" in only:
-        bench_recommend(args.items, args.reps)
+        tables.append(bench_recommend(args.items, args.reps))
     if "faiss" in only:
-        bench_faiss(args.items)
+        tables.append(bench_faiss(args.items))
     if "http" in only:
-        bench_http([int(x) for x in args.http_items.split(",")], [int(x) for x in args.clients.split(",")], args.seconds,
-                   args.workers)
+        tables += bench_http([int(x) for x in args.http_items.split(",")], [int(x) for x in args.clients.split(",")],
+                             args.seconds, args.workers)
+    if folder is not None:
+        path = write_record(folder, [s for s in SECTIONS if s in only], record, tables)
+        print(f"(record: {bench.shown(path)})")
     return 0
+
+
+def write_record(folder: Path, sections: list[str], record: dict, tables: list[dict]) -> Path:
+    """``folder/bench_serving-<sections>.json`` (a rerun of the same sections replaces it). Every
+    section runs on the CPU with one torch thread (the service: one per worker)."""
+    return bench.write_record(folder, f"bench_serving-{'-'.join(sections)}.json", record, tables, threads=1, gpu=None,
+                              sections=sections)
 
 
 if __name__ == "__main__":

@@ -493,6 +493,57 @@ def section_epoch_time(res: Results, out: list[str]) -> None:
             + "; ".join(lines) + ".", ""]
 
 
+BENCH_SCRIPTS = {  # script -> the make target that runs it and the record it writes by default
+    "benchmarks/bench.py": ("make bench", "bench.json"),
+    "benchmarks/bench_serving.py": ("make bench-serve", "bench_serving-<sections>.json"),
+}
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _load(load: list[float] | None) -> str:
+    return " ".join(f"{x:.2f}" for x in load) if load else "?"
+
+
+def section_benchmarks(folder: Path, out: list[str]) -> None:
+    """Every record of ``benchmarks/bench.py`` and ``benchmarks/bench_serving.py`` in ``folder``
+    (``docs/results/bench``): each table as the script printed it, under a sentence with the
+    command, commit, date and load averages of its run. Machine-level: once, not per config."""
+    out += ["## Benchmarks", "",
+            "Timings of the library and the service on the machine named under each record (not of a config's "
+            f"experiments), copied from the JSON records in `{_shown(folder)}/`, one per run (a rerun replaces "
+            "it): each table as the script printed it. They depend on the machine and on what else ran on it, so "
+            "each record gives the load average (1, 5, 15 min) at its start and end, and each table the one when it "
+            "was printed; compare rows of one record only.", ""]
+    paths = sorted(Path(folder).glob("*.json"))
+    records = {path: json.loads(path.read_text()) for path in paths}
+    for script, (target, name) in BENCH_SCRIPTS.items():
+        if not any(r.get("script") == script for r in records.values()):
+            out += [f"No record of `{script}` yet: `{target}` (`.venv/bin/python {script}`) writes "
+                    f"`{_shown(folder)}/{name}`.", ""]
+    for path, rec in records.items():
+        commit = (rec.get("commit") or "?")[:10] + (" with uncommitted changes" if rec.get("dirty") else "")
+        cpu = rec.get("cpu") or {}
+        quick = " (`--quick`: toy size, tests the script, not the numbers)" if rec.get("quick") else ""
+        out += [f"### `{path.name}`{quick}", "",
+                f"`{rec.get('command', '?')}` at commit {commit}, {rec.get('time_utc', '?')} (UTC); load average "
+                f"{_load(rec.get('load_average_start'))} at the start, {_load(rec.get('load_average_end'))} at the end; "
+                f"torch {rec.get('torch', '?')}, {rec.get('threads', '?')} torch thread(s), {cpu.get('model', '?')} "
+                f"({cpu.get('usable_cores', '?')} of {cpu.get('cores', '?')} cores usable), "
+                f"{'GPU ' + rec['gpu'] if rec.get('gpu') else 'no GPU'}. Record: `{_shown(path)}`.", ""]
+        for t in rec.get("tables", []):
+            out += [f"**{t['title']}**", ""]
+            out += _table([_cell(c) for c in t["columns"]], [[_cell(c) for c in r] for r in t["rows"]])
+            notes = [*t.get("notes", []), f"load average {_load(t.get('load_average'))} when printed"]
+            out += ["", "; ".join(notes) + ".", ""]
+
+
+def _shown(path: Path) -> str:
+    return os.path.relpath(path, REPO) if REPO in Path(path).resolve().parents else str(path)
+
+
 def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
     figs = docs / "results" / res.name
     out = [f"## `{res.plan['config']}`" + (" (`--quick`: toy size, tests the script, not the numbers)" if res.plan.get("quick") else ""), ""]
@@ -532,8 +583,9 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
     return out, made
 
 
-def write_report(docs: Path, record_dirs: list[Path]) -> Path:
-    """Write ``docs/RESULTS.md`` (and the figures) from every record folder in ``record_dirs``."""
+def write_report(docs: Path, record_dirs: list[Path], bench: Path | None = None) -> Path:
+    """Write ``docs/RESULTS.md`` (and the figures) from every record folder in ``record_dirs`` and
+    the benchmark records in ``bench`` (default ``docs/results/bench``)."""
     docs = Path(docs)
     results = [Results.load(d) for d in record_dirs if (d / "plan.json").is_file()]
     results.sort(key=lambda r: (r.plan.get("quick", False), not r.records, r.name))
@@ -556,6 +608,7 @@ def write_report(docs: Path, record_dirs: list[Path]) -> Path:
         made += figs
     if not results:
         lines += ["No record yet: run `make experiments`.", ""]
+    section_benchmarks(docs / "results" / "bench" if bench is None else Path(bench), lines)
     path = docs / "RESULTS.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".RESULTS.md.tmp")
