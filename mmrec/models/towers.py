@@ -21,6 +21,12 @@ Registry ``ITEM_TOWERS``:
                (``mmrec.models.fusion.FUSIONS``); missing modalities are masked by the fusion
 Items lacking the tower's single modality (``text`` tower, image-only item) get the projection of
 a zero vector: one shared "no content" vector, which is all a content model can know about them.
+
+Registry ``ADAPTORS`` (``item_tower.adaptor``: how an encoder's width H reaches d, per token and pooled):
+    ``linear`` ``Linear(H, d)`` (PMMRec's and TransRec's projection)
+    ``moe``    UniSRec's mixture of parametric-whitening experts for frozen features:
+               ``sum_k g_k(x) (x - b_k) W_k``, gates ``g = softmax(x G + noise)`` with the noise
+               ``N(0, 1) * softplus(x N)`` only in training, dropout on ``x``
 """
 
 from __future__ import annotations
@@ -37,6 +43,44 @@ from mmrec.models.fusion import FusionConfig, build_fusion
 MOM_BOTH = ("text", "image", "mean")
 
 
+class MoEAdaptor(nn.Module):
+    """UniSRec's MoE adaptor ``(..., H) -> (..., d)``: ``experts`` parametric-whitening maps
+    ``(x - b_k) W_k`` mixed by a noisy softmax gate of ``x`` (noise only in training)."""
+
+    def __init__(self, in_dim: int, dim: int, experts: int = 8, dropout: float = 0.2):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(experts, in_dim))  # b_k
+        self.weight = nn.Parameter(torch.empty(experts, in_dim, dim))  # W_k
+        nn.init.normal_(self.weight, std=in_dim ** -0.5)
+        self.gate = nn.Linear(in_dim, experts, bias=False)
+        self.noise = nn.Linear(in_dim, experts, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)  # (..., H)
+        logits = self.gate(x)  # (..., K)
+        if self.training:
+            logits = logits + torch.randn_like(logits) * nn.functional.softplus(self.noise(x))
+        g = torch.softmax(logits, dim=-1)  # (..., K)
+        # (x - b_k) W_k = x W_k - b_k W_k: x is never copied K times
+        experts = torch.einsum("...h,khd->...kd", x, self.weight) - torch.einsum("kh,khd->kd", self.bias, self.weight)
+        return (g.unsqueeze(-1) * experts).sum(-2)  # (..., d)
+
+
+def build_adaptor(cfg: ItemTowerConfig, in_dim: int, dim: int) -> nn.Module:
+    """``cfg.adaptor``'s map from an encoder's width to d (``ADAPTORS``)."""
+    if cfg.adaptor == "moe":
+        return MoEAdaptor(in_dim, dim, cfg.adaptor_experts, cfg.adaptor_dropout)
+    return nn.Linear(in_dim, dim)
+
+
+def no_content(proj: nn.Module) -> torch.Tensor:
+    """What ``proj`` maps a zero vector to ``(d,)``: the vector of an item without the modality."""
+    if isinstance(proj, nn.Linear):
+        return proj.bias
+    return proj(proj.bias.new_zeros(1, proj.bias.shape[1]))[0]  # MoEAdaptor
+
+
 @dataclass(frozen=True)
 class ItemTowerConfig:
     """Which item tower and how it combines modalities (section ``model.item_tower``)."""
@@ -47,6 +91,12 @@ class ItemTowerConfig:
     """``mom`` tower: the encoder for items that have text and image (text | image | mean)."""
     dropout: float = 0.1
     """Dropout on the item vector."""
+    adaptor: str = "linear"
+    """A key of ``ADAPTORS``: how each encoder's features (tokens and pooled) reach width d."""
+    adaptor_experts: int = 8
+    """``moe`` adaptor: number of whitening experts (UniSRec: 8)."""
+    adaptor_dropout: float = 0.2
+    """``moe`` adaptor: dropout on the frozen features before the experts."""
 
     def __post_init__(self):
         if self.name not in ITEM_TOWERS:
@@ -55,6 +105,11 @@ class ItemTowerConfig:
             raise ValueError(f"item_tower.mom_both must be one of {MOM_BOTH}, got {self.mom_both!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"item_tower.dropout must be in [0, 1), got {self.dropout}")
+        if self.adaptor not in ADAPTORS:
+            raise ValueError(f"unknown item_tower.adaptor {self.adaptor!r}; valid names: {list(ADAPTORS)}")
+        if self.adaptor_experts < 1 or not 0.0 <= self.adaptor_dropout < 1.0:
+            raise ValueError(f"item_tower.adaptor_experts must be >= 1 and adaptor_dropout in [0, 1), got "
+                             f"{self.adaptor_experts} and {self.adaptor_dropout}")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -112,10 +167,10 @@ class ItemContent:
 class TextPath(nn.Module):
     """Text encoder top layers + pooling + projection to d."""
 
-    def __init__(self, cfg: TextEncoderConfig, dim: int):
+    def __init__(self, cfg: TextEncoderConfig, dim: int, tower: ItemTowerConfig | None = None):
         super().__init__()
         self.encoder = TextEncoder(cfg)
-        self.proj = nn.Linear(self.encoder.hidden_size, dim)
+        self.proj = build_adaptor(tower or ItemTowerConfig(), self.encoder.hidden_size, dim)
 
     def forward(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if "hidden" in rows:
@@ -131,10 +186,10 @@ class TextPath(nn.Module):
 class ImagePath(nn.Module):
     """Image encoder top blocks + spatial tokens + projection to d."""
 
-    def __init__(self, cfg: ImageEncoderConfig, dim: int):
+    def __init__(self, cfg: ImageEncoderConfig, dim: int, tower: ItemTowerConfig | None = None):
         super().__init__()
         self.encoder = ImageEncoder(cfg)
-        self.proj = nn.Linear(self.encoder.out_dim, dim)
+        self.proj = build_adaptor(tower or ItemTowerConfig(), self.encoder.out_dim, dim)
         mean, std = self.encoder.normalization
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -153,7 +208,7 @@ class ImagePath(nn.Module):
         return self.proj(tokens), mask, self.proj(pooled)
 
 
-def _project_valid(proj: nn.Linear, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _project_valid(proj: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``proj`` of the valid tokens ``(M, T, H) -> (M, T, d)``; padding positions are zero (every
     consumer of token sequences masks them), so titles shorter than T cost only their length."""
     m, length, hidden = tokens.shape
@@ -205,21 +260,21 @@ class IDTower(ItemTower):
 class TextTower(ItemTower):
     def __init__(self, cfg: ItemTowerConfig, dim: int, text_encoder: TextEncoderConfig, **_):
         super().__init__(cfg, dim)
-        self.text = TextPath(text_encoder, dim)
+        self.text = TextPath(text_encoder, dim, cfg)
 
     def encode(self, content, idx, with_modalities=False):
         _, _, pooled = _run_path(self.text, content, "text", idx)
-        return torch.where(content.has_text[idx].unsqueeze(-1), pooled, self.text.proj.bias), None
+        return torch.where(content.has_text[idx].unsqueeze(-1), pooled, no_content(self.text.proj)), None
 
 
 class ImageTower(ItemTower):
     def __init__(self, cfg: ItemTowerConfig, dim: int, image_encoder: ImageEncoderConfig, **_):
         super().__init__(cfg, dim)
-        self.image = ImagePath(image_encoder, dim)
+        self.image = ImagePath(image_encoder, dim, cfg)
 
     def encode(self, content, idx, with_modalities=False):
         _, _, pooled = _run_path(self.image, content, "image", idx)
-        return torch.where(content.has_image[idx].unsqueeze(-1), pooled, self.image.proj.bias), None
+        return torch.where(content.has_image[idx].unsqueeze(-1), pooled, no_content(self.image.proj)), None
 
 
 class MoMTower(ItemTower):
@@ -227,8 +282,8 @@ class MoMTower(ItemTower):
 
     def __init__(self, cfg: ItemTowerConfig, dim: int, text_encoder: TextEncoderConfig, image_encoder: ImageEncoderConfig, **_):
         super().__init__(cfg, dim)
-        self.text = TextPath(text_encoder, dim)
-        self.image = ImagePath(image_encoder, dim)
+        self.text = TextPath(text_encoder, dim, cfg)
+        self.image = ImagePath(image_encoder, dim, cfg)
 
     def encode(self, content, idx, with_modalities=False):
         has_t, has_v = content.has_text[idx], content.has_image[idx]
@@ -252,8 +307,8 @@ class FusedTower(ItemTower):
     def __init__(self, cfg: ItemTowerConfig, dim: int, text_encoder: TextEncoderConfig, image_encoder: ImageEncoderConfig,
                  fusion: FusionConfig, **_):
         super().__init__(cfg, dim)
-        self.text = TextPath(text_encoder, dim)
-        self.image = ImagePath(image_encoder, dim)
+        self.text = TextPath(text_encoder, dim, cfg)
+        self.image = ImagePath(image_encoder, dim, cfg)
         self.fusion = build_fusion(fusion)
 
     def encode(self, content, idx, with_modalities=False):
@@ -285,6 +340,7 @@ def _run_path(path: nn.Module, content: ItemContent, modality: str, idx: torch.T
     return out_t, out_m, out_p
 
 
+ADAPTORS = ("linear", "moe")
 ITEM_TOWERS = {"id": IDTower, "text": TextTower, "image": ImageTower, "mom": MoMTower, "fused": FusedTower}
 TOWER_MODALITIES = {"id": (), "text": ("text",), "image": ("image",), "mom": ("text", "image"), "fused": ("text", "image")}
 

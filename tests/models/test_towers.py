@@ -112,3 +112,45 @@ def test_text_path_projects_valid_tokens_only():
     assert out.shape == (4, 6, 5)
     assert torch.allclose(out[mask], proj(tokens[mask]))
     assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["text", "image", "mom", "fused"])
+def test_moe_adaptor_towers_train_every_expert_and_keep_one_no_content_vector(name):
+    t = tower(name, adaptor="moe", adaptor_experts=3, adaptor_dropout=0.0)
+    content = raw_content()
+    out = t(content, torch.arange(1, N + 1))
+    assert out.shape == (N, D) and torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    for path in (p for p in (getattr(t, "text", None), getattr(t, "image", None)) if p is not None):
+        assert path.proj.weight.shape[0] == 3
+        assert path.proj.weight.grad.abs().sum(dim=(1, 2)).gt(0).all(), "every expert learns"
+        assert path.proj.gate.weight.grad.abs().sum() > 0
+    if name == "text":  # image-only items: the adaptor's image of a zero vector, the same for all of them
+        t.eval()
+        with torch.no_grad():
+            v = t(content, torch.tensor([2, 6, 3]))
+        from mmrec.models.towers import no_content
+        torch.testing.assert_close(v[0], v[1])
+        torch.testing.assert_close(v[0], no_content(t.text.proj))
+        assert not torch.allclose(v[0], v[2])
+
+
+def test_moe_adaptor_is_a_gated_mixture_of_whitening_maps():
+    """Eval mode: sum_k softmax(x G)_k (x - b_k) W_k, checked against a loop over experts."""
+    from mmrec.models.towers import MoEAdaptor
+
+    torch.manual_seed(0)
+    a = MoEAdaptor(6, 4, experts=3, dropout=0.5).eval()
+    with torch.no_grad():
+        a.bias.normal_()
+    x = torch.randn(5, 2, 6)
+    g = torch.softmax(x @ a.gate.weight.T, dim=-1)
+    want = sum(g[..., k:k + 1] * ((x - a.bias[k]) @ a.weight[k]) for k in range(3))
+    torch.testing.assert_close(a(x), want)
+    a.train()
+    assert not torch.allclose(a(x), a(x)), "training adds gate noise and dropout"
+
+
+def test_unknown_adaptor_fails_listing_the_valid_ones():
+    with pytest.raises(ValueError, match="linear"):
+        ItemTowerConfig(adaptor="mlp")
