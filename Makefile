@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PORT ?= 5001
 
-.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve compare bench-epoch experiments clean
+.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve bench-setup compare bench-epoch experiments clean
 
 install: $(STAMP)
 
@@ -84,6 +84,12 @@ bench: install
 # the same sections replaces it), rendered into docs/RESULTS.md by `python -m experiments --report-only`.
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serving.py --only $(or $(ONLY),http) --seconds $(or $(BENCH_SECONDS),10)
+
+# The README's set-up claims from a fresh clone of HEAD (benchmarks/fresh_clone.py): times
+# `make install` and `make demo` there, the venv's size and `pip check`; a record for RESULTS.md.
+# Needs ~7 GB of scratch disk; run it on an idle machine.
+bench-setup: install
+	$(BIN)/python benchmarks/fresh_clone.py
 
 # RecBole 1.2.1's SASRec on exactly the target domains' splits, next to mmrec's models with paired
 # intervals over users (run the pipeline for the same seeds first). RecBole needs torch 2.13 and

@@ -496,6 +496,7 @@ def section_epoch_time(res: Results, out: list[str]) -> None:
 BENCH_SCRIPTS = {  # script -> the make target that runs it and the record it writes by default
     "benchmarks/bench.py": ("make bench", "bench.json"),
     "benchmarks/bench_serving.py": ("make bench-serve", "bench_serving-<sections>.json"),
+    "benchmarks/fresh_clone.py": ("make bench-setup", "fresh_clone.json"),
 }
 
 

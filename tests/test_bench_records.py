@@ -132,3 +132,46 @@ def test_serving_toy_run_records_what_it_printed(tmp_path, capsys):
     assert out.rstrip().endswith(f"(record: {tmp_path / 'bench_serving-recommend.json'})")
     with pytest.raises(SystemExit):
         bench_serving.main(["--only", "recomend", "--records", ""])
+
+
+def test_fresh_clone_times_each_make_target_of_a_clone_and_records_it(tmp_path):
+    """benchmarks/fresh_clone.py on a throwaway repository whose `make install` builds a real venv."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "Makefile").write_text(f"install:\n\t{sys.executable} -m venv .venv\n"
+                                   "demo:\n\ttest -d .venv && echo demo-ran > demo.txt\n")
+    for cmd in (["init", "-q"], ["add", "Makefile"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    records, work = tmp_path / "records", tmp_path / "work"
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fresh_clone.py"), "--repo", str(repo), "--workdir", str(work),
+                          "--records", str(records), "--keep"], capture_output=True, text=True, check=True).stdout
+    assert (work / "mmrec" / "demo.txt").read_text().strip() == "demo-ran"
+    rec = json.loads((records / "fresh_clone.json").read_text())
+    assert rec["results"]["install"]["rc"] == rec["results"]["demo"]["rc"] == 0
+    assert rec["results"]["venv"]["bytes"] > 1e6 and rec["results"]["venv"]["pip_check_rc"] == 0
+    assert len(rec["cloned"]["commit"]) == 40
+    rows = rec["tables"][0]["rows"]
+    assert [r[0] for r in rows] == ["make install", "make demo", "venv size, `pip check`"]
+    assert [r[2] for r in rows] == ["ok", "ok", "clean"] and "make install:" in out
+    page = report.write_report(tmp_path / "docs", [], bench=records).read_text()
+    assert "### `fresh_clone.json`" in page and "| make demo |" in page
+
+
+def test_fresh_clone_stops_at_a_failing_target(tmp_path):
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "Makefile").write_text("install:\n\texit 3\ndemo:\n\ttouch demo.txt\n")
+    for cmd in (["init", "-q"], ["add", "Makefile"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    records = tmp_path / "records"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "fresh_clone.py"), "--repo", str(repo), "--workdir", str(tmp_path / "w"),
+                    "--records", str(records), "--keep"], capture_output=True, text=True, check=True)
+    rec = json.loads((records / "fresh_clone.json").read_text())
+    assert rec["results"]["install"]["rc"] != 0 and "demo" not in rec["results"]
+    assert rec["tables"][0]["rows"][0][2].startswith("FAILED") and not (tmp_path / "w" / "mmrec" / "demo.txt").exists()
