@@ -203,7 +203,7 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"item_tower": self.item_tower.to_dict()}
 
 
 class NICLHead(nn.Module):

@@ -31,6 +31,7 @@ Registry ``ADAPTORS`` (``item_tower.adaptor``: how an encoder's width H reaches 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +115,15 @@ class ItemTowerConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return TOWER_MODALITIES[self.name]
+
+    def to_dict(self) -> dict:
+        """The fields as a mapping; with the ``linear`` adaptor the adaptor fields are left out (they
+        have no effect), so every run key and ``model.json`` written before adaptors existed still matches."""
+        out = dataclasses.asdict(self)
+        if self.adaptor == "linear":
+            for k in ("adaptor", "adaptor_experts", "adaptor_dropout"):
+                out.pop(k)
+        return out
 
 
 @dataclass

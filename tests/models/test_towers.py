@@ -154,3 +154,16 @@ def test_moe_adaptor_is_a_gated_mixture_of_whitening_maps():
 def test_unknown_adaptor_fails_listing_the_valid_ones():
     with pytest.raises(ValueError, match="linear"):
         ItemTowerConfig(adaptor="mlp")
+
+
+def test_linear_adaptor_leaves_the_model_dict_as_before_adaptors_existed():
+    """Run keys and model.json hash ModelConfig.to_dict(): the default adaptor must not change them."""
+    from mmrec.models.recommender import ModelConfig
+
+    linear = ModelConfig.from_dict({"item_tower": {"name": "fused"}, "text_encoder": {}, "image_encoder": {}, "fusion": {}})
+    assert set(linear.to_dict()["item_tower"]) == {"name", "mom_both", "dropout"}
+    moe = ModelConfig.from_dict({"item_tower": {"name": "fused", "adaptor": "moe", "adaptor_experts": 4},
+                                 "text_encoder": {}, "image_encoder": {}, "fusion": {}})
+    assert moe.to_dict()["item_tower"]["adaptor_experts"] == 4
+    for cfg in (linear, moe):
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
