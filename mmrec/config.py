@@ -316,12 +316,23 @@ class PipelineConfig:
     def _where(self, section: str) -> str:
         return f"{self.config_path}: {section}"
 
-    def model(self):
-        """The ``model`` section as a ``ModelConfig`` (imports torch)."""
+    def model(self, phase: str | None = None):
+        """The ``model`` section as a ``ModelConfig`` (imports torch). ``phase="finetune"``: with the
+        ``finetune`` section's ``objective`` (if any) merged onto ``model.objective``, the losses
+        fine-tuning and every baseline trained on a target use; pretraining keeps ``model.objective``."""
         from mmrec.models.recommender import ModelConfig
 
+        section = self.sections.get("model") or {}
+        if phase is not None:
+            if phase not in ("pretrain", "finetune"):
+                raise ValueError(f"phase must be 'pretrain' or 'finetune', got {phase!r}")
+            over = (self.sections.get("finetune") or {}).get("objective") if phase == "finetune" else None
+            if over is not None and not isinstance(over, dict):
+                raise ConfigError(f"{self._where('finetune')}.objective must be a mapping, got {over!r}")
+            if over:
+                section = _merge(section, {"objective": over})
         try:
-            model = ModelConfig.from_dict(self.sections.get("model"), self._where("model"))
+            model = ModelConfig.from_dict(section, self._where("model") if phase is None else self._where(phase))
             model.check_history_length(self.preprocess.max_seq_len, str(self.config_path))
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
@@ -333,7 +344,10 @@ class PipelineConfig:
 
         if phase not in ("pretrain", "finetune"):
             raise ValueError(f"phase must be 'pretrain' or 'finetune', got {phase!r}")
-        return from_dict(TrainConfig, self.sections.get(phase), self._where(phase))
+        section = dict(self.sections.get(phase) or {})
+        if phase == "finetune":  # finetune.objective is read by model("finetune"); pretrain has none (unknown key)
+            section.pop("objective", None)
+        return from_dict(TrainConfig, section, self._where(phase))
 
     def transfer(self):
         from mmrec.transfer import TransferConfig

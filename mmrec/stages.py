@@ -282,7 +282,7 @@ def _variants(cfg: PipelineConfig):
     for the fine-tuned one and the configured trained baselines."""
     from mmrec.models.recommender import ModelConfig
 
-    model_cfg, transfer, ec = cfg.model(), cfg.transfer(), cfg.evaluation()
+    model_cfg, transfer, ec = cfg.model("finetune"), cfg.transfer(), cfg.evaluation()
     out = {"model": (model_cfg, transfer.part, {})}
     if "scratch" in ec.baselines:
         out["scratch"] = (model_cfg, "none", {})

@@ -449,3 +449,29 @@ def test_domain_user_fraction_is_validated(tmp_path):
     for bad in ("0", "1.5", "-1", "true"):
         with pytest.raises(ConfigError, match="user_fraction must be in"):
             load_config(_write(tmp_path, f"domains: [{{name: d, source: {{format: t, path: p}}, user_fraction: {bad}}}]\n"))
+
+
+def test_finetune_objective_overrides_the_model_objective_for_fine_tuning_only(tmp_path):
+    cfg = load_config(_write(tmp_path, LIST_FORM + "    model: {item_tower: {name: id}, objective: {name: softmax, nicl_enabled: false, nid_weight: 0.2}}\n"
+                             "    finetune: {lr: 0.002, scheduler: cosine, objective: {name: full_softmax}}\n"))
+    pre, ft = cfg.model(), cfg.model("finetune")
+    assert pre.objective.name == "softmax" and cfg.model("pretrain") == pre
+    assert ft.objective.name == "full_softmax" and ft.objective.nid_weight == 0.2  # merged, not replaced
+    assert ft.item_tower == pre.item_tower and ft.user_encoder == pre.user_encoder  # shapes unchanged
+    tc = cfg.train("finetune")
+    assert tc.lr == 0.002 and tc.scheduler == "cosine"  # the training loop never sees the objective
+    from mmrec import stages
+
+    assert {n: m.objective.name for n, (m, _, _) in stages._variants(cfg).items()}["model"] == "full_softmax"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("    pretrain: {objective: {name: full_softmax}}\n", "unknown key.*objective"),
+    ("    finetune: {objective: {name: nope}}\n", "nope"),
+    ("    finetune: {objective: full_softmax}\n", "must be a mapping"),
+])
+def test_a_phase_objective_fails_loudly_where_it_cannot_apply(tmp_path, text, match):
+    cfg = load_config(_write(tmp_path, LIST_FORM + text))
+    with pytest.raises((ConfigError, ValueError), match=match):
+        cfg.train("pretrain")
+        cfg.model("finetune")
