@@ -372,6 +372,8 @@ def test_repo_amazon_target_config_swaps_the_roles_and_shares_the_feature_cache(
 def test_every_shipped_pipeline_config_loads(path):
     cfg = load_config(path)
     assert cfg.domains and cfg.model() is not None
+    for phase in ("pretrain", "finetune"):  # each phase's sections parse (finetune.objective included)
+        assert cfg.train(phase).epochs >= 1 and cfg.model(phase).dim == cfg.model().dim
 
 
 # -- presets and the model stages' sections
