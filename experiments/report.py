@@ -531,7 +531,8 @@ def section_benchmarks(folder: Path, out: list[str]) -> None:
         out += [f"### `{path.name}`{quick}", "",
                 f"`{rec.get('command', '?')}` at commit {commit}, {rec.get('time_utc', '?')} (UTC); load average "
                 f"{_load(rec.get('load_average_start'))} at the start, {_load(rec.get('load_average_end'))} at the end; "
-                f"torch {rec.get('torch', '?')}, {rec.get('threads', '?')} torch thread(s), {cpu.get('model', '?')} "
+                f"torch {rec.get('torch', '?')}, " + (f"{rec['threads']} torch thread(s), " if rec.get("threads") else "")
+                + f"{cpu.get('model', '?')} "
                 f"({cpu.get('usable_cores', '?')} of {cpu.get('cores', '?')} cores usable), "
                 f"{'GPU ' + rec['gpu'] if rec.get('gpu') else 'no GPU'}. Record: `{_shown(path)}`.", ""]
         for t in rec.get("tables", []):
