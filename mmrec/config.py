@@ -161,6 +161,8 @@ class FeaturesConfig:
 BASELINES = ("scratch", "sasrec", "id_tower", "zero_shot")
 TRAINED_BASELINES = ("scratch", "sasrec", "id_tower")
 HISTORY_MODES = ("masked", "keep_all")
+FINETUNE_MODEL_KEYS = ("objective", "item_tower")
+"""Mappings of the ``finetune`` section merged onto the ``model`` section's for fine-tuning only."""
 
 
 @dataclass(frozen=True)
@@ -318,19 +320,21 @@ class PipelineConfig:
 
     def model(self, phase: str | None = None):
         """The ``model`` section as a ``ModelConfig`` (imports torch). ``phase="finetune"``: with the
-        ``finetune`` section's ``objective`` (if any) merged onto ``model.objective``, the losses
-        fine-tuning and every baseline trained on a target use; pretraining keeps ``model.objective``."""
+        ``finetune`` section's ``objective`` and ``item_tower`` (if any) merged onto ``model.objective``
+        and ``model.item_tower``: the losses and item tower (e.g. ``item_ids``) fine-tuning and every
+        baseline trained on a target use; pretraining keeps the ``model`` section as it is."""
         from mmrec.models.recommender import ModelConfig
 
         section = self.sections.get("model") or {}
         if phase is not None:
             if phase not in ("pretrain", "finetune"):
                 raise ValueError(f"phase must be 'pretrain' or 'finetune', got {phase!r}")
-            over = (self.sections.get("finetune") or {}).get("objective") if phase == "finetune" else None
-            if over is not None and not isinstance(over, dict):
-                raise ConfigError(f"{self._where('finetune')}.objective must be a mapping, got {over!r}")
-            if over:
-                section = _merge(section, {"objective": over})
+            for key in FINETUNE_MODEL_KEYS:
+                over = (self.sections.get("finetune") or {}).get(key) if phase == "finetune" else None
+                if over is not None and not isinstance(over, dict):
+                    raise ConfigError(f"{self._where('finetune')}.{key} must be a mapping, got {over!r}")
+                if over:
+                    section = _merge(section, {key: over})
         try:
             model = ModelConfig.from_dict(section, self._where("model") if phase is None else self._where(phase))
             model.check_history_length(self.preprocess.max_seq_len, str(self.config_path))
@@ -345,8 +349,9 @@ class PipelineConfig:
         if phase not in ("pretrain", "finetune"):
             raise ValueError(f"phase must be 'pretrain' or 'finetune', got {phase!r}")
         section = dict(self.sections.get(phase) or {})
-        if phase == "finetune":  # finetune.objective is read by model("finetune"); pretrain has none (unknown key)
-            section.pop("objective", None)
+        if phase == "finetune":  # read by model("finetune"); pretrain has none (unknown keys)
+            for key in FINETUNE_MODEL_KEYS:
+                section.pop(key, None)
         return from_dict(TrainConfig, section, self._where(phase))
 
     def transfer(self):

@@ -176,7 +176,7 @@ def encode_items(model, items: list[NewItem], limits: Limits | None = None) -> t
         was_training = model.training
         model.eval()
         try:
-            vecs = tower(content, torch.arange(1, m + 1))  # (m, d)
+            vecs = tower(content, torch.arange(1, m + 1), content_only=True)  # (m, d): rows of `content`, not the catalog
         finally:
             model.train(was_training)
     return vecs

@@ -287,18 +287,19 @@ def _variants(cfg: PipelineConfig):
     if "scratch" in ec.baselines:
         out["scratch"] = (model_cfg, "none", {})
     spec = model_cfg.to_dict()
+    id_item = {k: v for k, v in spec["item_tower"].items() if k != "item_ids"}  # ID towers: IDs already
     id_spec = dict(spec, text_encoder=None, image_encoder=None, fusion=None)
     if "sasrec" in ec.baselines:
         # the standard ID SASRec: ID embeddings, full-catalog cross-entropy, its own dropout and lr
         sc = ec.sasrec
-        sasrec = dict(id_spec, item_tower={**spec["item_tower"], "name": "id", "dropout": 0.0},
+        sasrec = dict(id_spec, item_tower={**id_item, "name": "id", "dropout": 0.0},
                       user_encoder={**spec["user_encoder"], "name": "sasrec", "dropout": sc.dropout, "adapter_dim": None},
                       objective={"name": "full_softmax", "nicl_enabled": False, "nid_weight": 0.0, "rcl_weight": 0.0})
         out["sasrec"] = (ModelConfig.from_dict(sasrec, "sasrec baseline"), "none",
                          {"lr": sc.lr, "weight_decay": sc.weight_decay})
     if "id_tower" in ec.baselines:
         # our model with an ID tower instead of content, trained with our objectives
-        id_tower = dict(id_spec, item_tower={**spec["item_tower"], "name": "id"},
+        id_tower = dict(id_spec, item_tower={**id_item, "name": "id"},
                         objective={**spec["objective"], "nicl_enabled": False})
         out["id_tower"] = (ModelConfig.from_dict(id_tower, "id_tower baseline"), "none", {})
     return out

@@ -20,6 +20,10 @@ model adds them. A checkpoint that holds *no* adapter key loads into a model wit
 adapters' keys are exactly what is missing; the adapters are then (re)initialised as the identity, so
 the loaded model computes what the pretrained one did. Any other missing key, or a checkpoint with
 some adapter keys but not all, still fails.
+
+Catalog-bound keys (``CATALOG_BOUND``: the transductive item ID embedding ``item_tower.item_ids``)
+belong to one catalog's item indices and never transfer: whatever the checkpoint holds under them
+is skipped and the model keeps its own (zero) initialisation, listed as ``fresh``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ PARTS: dict[str, tuple[str, ...]] = {
     "image": ("item_tower.image.",),
     "none": (),
 }
+
+
+CATALOG_BOUND: tuple[str, ...] = ("item_tower.item_ids.",)
+"""Key prefixes tied to one catalog's item indices: never loaded by a transfer."""
 
 
 class TransferError(ValueError):
@@ -67,7 +75,8 @@ class TransferReport:
     skipped: list[str]
     """Checkpoint keys outside the part (not loaded by design)."""
     fresh: list[str] = field(default_factory=list)
-    """Adapter keys the checkpoint did not have: initialised as the identity instead of loaded."""
+    """Keys kept at the model's initialisation: adapter keys the checkpoint did not have (the
+    identity) and catalog-bound keys (``CATALOG_BOUND``, zero)."""
 
 
 def adapter_modules(model: nn.Module, prefixes: tuple[str, ...]) -> dict[str, Adapter]:
@@ -81,8 +90,9 @@ def load_part(model: nn.Module, state: dict[str, torch.Tensor], part: str) -> Tr
         raise TransferError(f"unknown transfer part {part!r}; valid parts: {sorted(PARTS)}")
     prefixes = PARTS[part]
     own = model.state_dict()
-    expected = {k for k in own if k.startswith(prefixes)} if prefixes else set()
-    provided = {k for k in state if k.startswith(prefixes)} if prefixes else set()
+    bound = sorted(k for k in own if prefixes and k.startswith(prefixes) and k.startswith(CATALOG_BOUND))
+    expected = {k for k in own if k.startswith(prefixes) and not k.startswith(CATALOG_BOUND)} if prefixes else set()
+    provided = {k for k in state if k.startswith(prefixes) and not k.startswith(CATALOG_BOUND)} if prefixes else set()
     missing = sorted(expected - provided)
     unexpected = sorted(provided - expected)
     adapters = adapter_modules(model, prefixes) if prefixes else {}
@@ -110,4 +120,4 @@ def load_part(model: nn.Module, state: dict[str, torch.Tensor], part: str) -> Tr
     if fresh:
         for adapter in adapters.values():
             adapter.reset_parameters()
-    return TransferReport(part, sorted(expected - set(fresh)), sorted(set(state) - expected), fresh)
+    return TransferReport(part, sorted(expected - set(fresh)), sorted(set(state) - expected), sorted(fresh + bound))

@@ -467,8 +467,26 @@ def test_finetune_objective_overrides_the_model_objective_for_fine_tuning_only(t
     assert {n: m.objective.name for n, (m, _, _) in stages._variants(cfg).items()}["model"] == "full_softmax"
 
 
+def test_finetune_item_tower_adds_item_ids_for_fine_tuning_only_and_never_to_id_baselines(tmp_path):
+    cfg = load_config(_write(tmp_path, LIST_FORM + "    model: {item_tower: {name: text, dropout: 0.2}, text_encoder: {}, objective: {nicl_enabled: false}}\n"
+                             "    finetune: {item_tower: {item_ids: true}}\n"
+                             "    evaluation: {baselines: [scratch, sasrec, id_tower]}\n"))
+    assert not cfg.model().item_tower.item_ids and cfg.model("pretrain") == cfg.model()
+    ft = cfg.model("finetune").item_tower
+    assert ft.item_ids and ft.dropout == 0.2 and ft.name == "text"  # merged, not replaced
+    assert cfg.train("finetune").epochs >= 1  # the training loop never sees it
+    from mmrec import stages
+
+    towers = {n: m.item_tower for n, (m, _, _) in stages._variants(cfg).items()}
+    assert towers["model"].item_ids and towers["scratch"].item_ids
+    assert towers["sasrec"].name == towers["id_tower"].name == "id"
+    assert not towers["sasrec"].item_ids and not towers["id_tower"].item_ids
+
+
 @pytest.mark.parametrize("text, match", [
     ("    pretrain: {objective: {name: full_softmax}}\n", "unknown key.*objective"),
+    ("    pretrain: {item_tower: {item_ids: true}}\n", "unknown key.*item_tower"),
+    ("    finetune: {item_tower: ids}\n", "must be a mapping"),
     ("    finetune: {objective: {name: nope}}\n", "nope"),
     ("    finetune: {objective: full_softmax}\n", "must be a mapping"),
 ])

@@ -98,3 +98,37 @@ def test_item_features_artifact_is_identical_across_runs(pipeline):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     stages.item_features(cfg, "books", progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, capsys, monkeypatch):
+    """benchmarks/select_finetune.py: each variant fine-tuned from the pretrained model as the stage
+    does, its validation ranks kept, a paired gap to the first variant; finished records are read back."""
+    import sys
+
+    import numpy as np
+
+    from mmrec.compare import per_user
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import select_finetune
+
+    cfg, _ = pipeline
+    args = ["--config", str(cfg.config_path), "--domain", "films", "--variant", "base",
+            "--variant", "ids", "finetune.item_tower.item_ids=true", "finetune.epochs=3"]
+    assert select_finetune.main(args) == 0
+    out = capsys.readouterr().out
+    n_valid = json.loads((cfg.artifact_path("evaluation", "films") / "metrics.json").read_text())["models"]["finetuned"]["n_users"]
+    for name in ("base", "ids"):
+        rec = json.loads((cfg.artifacts / "select_finetune" / "films" / f"{name}.json").read_text())
+        assert len(rec["valid_ranks"]) == n_valid and rec["transfer"] == "whole"
+        assert np.mean(per_user(np.asarray(rec["valid_ranks"]), "NDCG@10")) == pytest.approx(rec["valid"]["NDCG@10"])
+    assert json.loads((cfg.artifacts / "select_finetune" / "films" / "ids.json").read_text())["epochs_run"] <= 3
+    table = [line for line in out.splitlines() if line.startswith("| ids |")]
+    assert len(table) == 1 and "[" in table[0].split("|")[-2]  # a gap with its interval
+    # read back, never refitted; a changed override under the same name is refused
+    monkeypatch.setattr(select_finetune, "_fit_variant", lambda *a, **k: pytest.fail("refitted a finished variant"))
+    assert select_finetune.main(args) == 0
+    with pytest.raises(SystemExit, match="recorded with"):
+        select_finetune.main(args[:-1] + ["finetune.epochs=4"])
+    with pytest.raises(SystemExit, match="--seed 5"):  # no pretrained model for that seed
+        select_finetune.main(args + ["--seed", "5"])

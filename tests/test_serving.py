@@ -159,3 +159,28 @@ def test_a_faiss_catalog_answers_like_the_exact_one_after_changes(exported, tmp_
         assert [s for _, s in g] == pytest.approx([s for _, s in w], abs=1e-4)
         assert dict(g) == pytest.approx(dict(w), abs=1e-4)
     assert all("it2" not in [i for i, _ in r] for r in got)
+
+
+def test_items_given_by_content_get_no_catalog_id_vector(tmp_path):
+    """A transductive model (``item_tower.item_ids``): catalog rows carry content + ID vectors, an
+    item given by content is new to the catalog and gets its content vector alone."""
+    import polars as pl
+
+    from mmrec.export import export_model
+    from mmrec.models.recommender import Recommender
+    from tests.deploy.helpers import IDS
+    from tests.models.test_recommender import SEQ, config
+    from tests.models.test_towers import N, raw_content
+
+    torch.manual_seed(0)
+    model = Recommender(config("fused", item_tower={"name": "fused", "dropout": 0.0, "item_ids": True}), n_items=N)
+    with torch.no_grad():
+        model.item_tower.item_ids.weight[1:].normal_()
+    model.attach(raw_content(), SEQ).eval()
+    item_map = pl.DataFrame({"item_idx": list(range(1, N + 1)), "item_id": IDS})
+    loaded = load_model(export_model(model, tmp_path / "model", item_map, "shop", {"stage": "test"}))
+    assert torch.equal(loaded.model.item_tower.item_ids.weight, model.item_tower.item_ids.weight)
+    content_only = loaded.item_vectors[1] - loaded.model.item_tower.item_ids.weight[1]
+    new = encode_items(loaded.model, [NewItem(None, IT1_TEXT)])[0]  # item 1's text (a text-only item)
+    torch.testing.assert_close(new, content_only, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(new, loaded.item_vectors[1], atol=1e-3)

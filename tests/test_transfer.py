@@ -110,3 +110,20 @@ def test_only_adapter_keys_may_be_missing():
         load_part(dst, partial, "whole")
     with pytest.raises(TransferError, match="unexpected"):  # adapters in the checkpoint, none in the model
         load_part(_user_model(None, 4), _user_model(8, 5).state_dict(), "whole")
+
+
+def test_item_ids_are_catalog_bound_they_never_transfer_and_start_at_zero():
+    torch.manual_seed(0)
+    src = Recommender(config("fused", item_tower={"name": "fused", "dropout": 0.0, "item_ids": True}), n_items=N)
+    with torch.no_grad():
+        src.item_tower.item_ids.weight[1:].normal_()  # a trained source embedding
+    for dst_items, state in ((N + 7, src.state_dict()), (N, src.state_dict()),
+                             (N, {k: v for k, v in src.state_dict().items() if "item_ids" not in k})):
+        dst = Recommender(config("fused", item_tower={"name": "fused", "dropout": 0.0, "item_ids": True}), n_items=dst_items)
+        report = load_part(dst, state, "whole")
+        assert report.fresh == ["item_tower.item_ids.weight"]
+        assert dst.item_tower.item_ids.weight.abs().sum() == 0
+        assert torch.equal(dst.item_tower.text.proj.weight, src.item_tower.text.proj.weight)
+    plain = Recommender(config("fused"), n_items=N)  # a model without them skips the checkpoint's
+    report = load_part(plain, src.state_dict(), "whole")
+    assert "item_tower.item_ids.weight" in report.skipped and report.fresh == []

@@ -22,6 +22,12 @@ Registry ``ITEM_TOWERS``:
 Items lacking the tower's single modality (``text`` tower, image-only item) get the projection of
 a zero vector: one shared "no content" vector, which is all a content model can know about them.
 
+``item_tower.item_ids`` (content towers, usually set for fine-tuning only through
+``finetune.item_tower``): UniSRec's *transductive* setting, a per-item ID embedding of the target
+catalog added to the content vector. It starts at zero (the model computes what the content alone
+does), never transfers (``mmrec.transfer``: catalog-bound) and ties the model to its catalog: an item
+added later (index beyond the embedding) gets its content vector alone.
+
 Registry ``ADAPTORS`` (``item_tower.adaptor``: how an encoder's width H reaches d, per token and pooled):
     ``linear`` ``Linear(H, d)`` (PMMRec's and TransRec's projection)
     ``moe``    UniSRec's mixture of parametric-whitening experts for frozen features:
@@ -98,6 +104,8 @@ class ItemTowerConfig:
     """``moe`` adaptor: number of whitening experts (UniSRec: 8)."""
     adaptor_dropout: float = 0.2
     """``moe`` adaptor: dropout on the frozen features before the experts."""
+    item_ids: bool = False
+    """Transductive: add a learned ID embedding per catalog item (zero at start) to the content vector."""
 
     def __post_init__(self):
         if self.name not in ITEM_TOWERS:
@@ -111,6 +119,8 @@ class ItemTowerConfig:
         if self.adaptor_experts < 1 or not 0.0 <= self.adaptor_dropout < 1.0:
             raise ValueError(f"item_tower.adaptor_experts must be >= 1 and adaptor_dropout in [0, 1), got "
                              f"{self.adaptor_experts} and {self.adaptor_dropout}")
+        if self.item_ids and self.name == "id":
+            raise ValueError("item_tower.item_ids adds ID embeddings to a content tower; the 'id' tower is one already")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -118,11 +128,14 @@ class ItemTowerConfig:
 
     def to_dict(self) -> dict:
         """The fields as a mapping; with the ``linear`` adaptor the adaptor fields are left out (they
-        have no effect), so every run key and ``model.json`` written before adaptors existed still matches."""
+        have no effect) and ``item_ids`` when off, so every run key and ``model.json`` written before
+        these fields existed still matches."""
         out = dataclasses.asdict(self)
         if self.adaptor == "linear":
             for k in ("adaptor", "adaptor_experts", "adaptor_dropout"):
                 out.pop(k)
+        if not self.item_ids:
+            out.pop("item_ids")
         return out
 
 
@@ -239,9 +252,16 @@ class ItemTower(nn.Module):
         super().__init__()
         self.cfg, self.dim = cfg, dim
         self.dropout = nn.Dropout(cfg.dropout)
+        self.item_ids: nn.Embedding | None = None
+        """``cfg.item_ids``: ``(N+1, d)``, zero at start (set by ``build_item_tower``, which knows N)."""
 
-    def forward(self, content: ItemContent, idx: torch.Tensor, with_modalities: bool = False):
+    def forward(self, content: ItemContent, idx: torch.Tensor, with_modalities: bool = False, content_only: bool = False):
+        """``content_only``: leave the ``item_ids`` embedding out (``idx`` are not rows of the
+        training catalog: items given by content at serving time)."""
         vec, modalities = self.encode(content, idx, with_modalities)
+        if self.item_ids is not None and not content_only:
+            known = idx < self.item_ids.num_embeddings  # items added after training: content alone
+            vec = vec + self.item_ids(torch.where(known, idx, 0))  # row 0 (padding) stays zero
         vec = self.dropout(vec)
         return (vec, modalities) if with_modalities else vec
 
@@ -365,5 +385,9 @@ def build_item_tower(cfg: ItemTowerConfig, dim: int, n_items: int, text_encoder:
             raise ValueError(f"item tower {cfg.name!r} needs a {m}_encoder section")
     if cfg.name == "fused" and fusion is None:
         raise ValueError("item tower 'fused' needs a fusion section")
-    return ITEM_TOWERS[cfg.name](cfg, dim, n_items=n_items, text_encoder=text_encoder, image_encoder=image_encoder,
-                                 fusion=fusion)
+    tower = ITEM_TOWERS[cfg.name](cfg, dim, n_items=n_items, text_encoder=text_encoder, image_encoder=image_encoder,
+                                  fusion=fusion)
+    if cfg.item_ids:
+        tower.item_ids = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        nn.init.zeros_(tower.item_ids.weight)
+    return tower

@@ -167,3 +167,35 @@ def test_linear_adaptor_leaves_the_model_dict_as_before_adaptors_existed():
     assert moe.to_dict()["item_tower"]["adaptor_experts"] == 4
     for cfg in (linear, moe):
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["text", "fused"])
+def test_item_ids_start_at_the_content_vector_train_per_item_and_leave_new_items_to_content(name):
+    content = raw_content()
+    idx = torch.arange(1, N + 1)
+    plain, with_ids = tower(name).eval(), tower(name, item_ids=True).eval()
+    assert with_ids.item_ids.weight.shape == (N + 1, D)
+    assert torch.equal(plain(content, idx), with_ids(content, idx)), "zero at start: the content vector alone"
+    with_ids.train()
+    with_ids(content, idx[:3]).pow(2).sum().backward()
+    grad = with_ids.item_ids.weight.grad
+    assert grad[1:4].abs().sum(1).gt(0).all() and grad[4:].abs().sum() == 0 and grad[0].abs().sum() == 0
+    with torch.no_grad():
+        with_ids.item_ids.weight[1:].normal_()
+    with_ids.eval()  # (the training forward moved batch-norm statistics: give plain the same state)
+    plain.load_state_dict({k: v for k, v in with_ids.state_dict().items() if not k.startswith("item_ids.")})
+    bigger = raw_content(N + 2)  # two items added after training: beyond the embedding
+    new = torch.tensor([N + 1, N + 2])
+    assert torch.equal(with_ids(bigger, new), plain(bigger, new))
+    assert not torch.allclose(with_ids(content, idx), plain(content, idx))
+
+
+def test_item_ids_are_refused_on_the_id_tower_and_left_out_of_the_model_dict_when_off():
+    from mmrec.models.recommender import ModelConfig
+
+    with pytest.raises(ValueError, match="item_ids"):
+        ItemTowerConfig(name="id", item_ids=True)
+    spec = {"item_tower": {"name": "fused"}, "text_encoder": {}, "image_encoder": {}, "fusion": {}}
+    assert "item_ids" not in ModelConfig.from_dict(spec).to_dict()["item_tower"]  # run keys unchanged
+    on = ModelConfig.from_dict({**spec, "item_tower": {"name": "fused", "item_ids": True}})
+    assert on.to_dict()["item_tower"]["item_ids"] is True and ModelConfig.from_dict(on.to_dict()) == on
