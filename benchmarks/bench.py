@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,13 +64,9 @@ def load_average() -> list[float] | None:
 
 def git_state() -> dict:
     """HEAD and whether the code a benchmark runs (library, benchmarks, service, configs) differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mmrec", "benchmarks", "deploy", "configs"],
-                               cwd=REPO, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    from mmrec.tracking import code_version
+
+    return code_version(("mmrec", "benchmarks", "deploy", "configs"), REPO)
 
 
 def new_record(script: str, argv: list[str]) -> dict:

@@ -223,7 +223,30 @@ def _trace(res: Results, cells: list[str]) -> str:
                       for c in cells for s in res.seeds(c)})
     shown = ", ".join(f"`{os.path.relpath(p, REPO) if REPO in p.parents else p.name}`" for p in paths[:8])
     more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
-    return f"Records: {shown}{more}; commit(s) {', '.join(commits)}."
+    return f"Records: {shown}{more}; commit(s) {', '.join(commits)}{_trained_by(res, cells)}."
+
+
+def _trained_by(res: Results, cells: list[str]) -> str:
+    """Which commits trained the records' runs: a finished run is reused by the key of its config and
+    inputs, so it may be older than the commit that wrote the record."""
+    trained, unknown = set(), 0
+    for c in cells:
+        for s in res.seeds(c):
+            rec = res.records[(c, s)]
+            runs = [rec.get("pretrained") or {}] + [m for t in rec.get("targets", {}).values() for m in t["models"].values()]
+            for run in runs:
+                if "run_dir" not in run:  # RecBole's and zero-shot rows: no training run of ours
+                    continue
+                if not run.get("trained_by"):
+                    unknown += 1
+                for e in run.get("trained_by") or []:
+                    trained.add((e.get("commit") or "?")[:10] + ("+dirty" if e.get("dirty") else ""))
+    parts = []
+    if trained:
+        parts.append(f"training runs by commit(s) {', '.join(sorted(trained))}")
+    if unknown:
+        parts.append(f"{unknown} training run(s) from before the training commit was recorded")
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def _seeds_note(res: Results, cells: list[str]) -> str:

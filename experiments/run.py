@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -56,13 +55,9 @@ def bucket_name(low: int, high: int | None) -> str:
 
 def git_commit() -> dict[str, Any]:
     """HEAD and whether the code the cells run (library, experiments, configs) differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mmrec", "experiments", "configs"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head, "dirty": bool(dirty)}
+    from mmrec.tracking import code_version
+
+    return code_version(("mmrec", "experiments", "configs"), REPO)
 
 
 def recbole_available() -> bool:
@@ -369,7 +364,7 @@ class Runner:
                 "valid_metrics": pre.metadata["valid_metrics"], "best_step": pre.metadata["best_step"],
                 "steps": pre.metadata["steps"],
                 "cost": cost.cost("pretrained", _source_rows(cfg), Path(pre.metadata["run_dir"])),
-                "run_dir": _rel(Path(pre.metadata["run_dir"]))},
+                "run_dir": _rel(Path(pre.metadata["run_dir"])), "trained_by": pre.metadata.get("code", [])},
             "started": started, "seconds": time.time() - started,
         }
         path = self.record_path(cell, seed)
@@ -427,6 +422,7 @@ class Runner:
                 m["best_step"], m["steps"], m["stopped_early"] = info["best_step"], info["steps"], info["stopped_early"]
                 m["cost"] = cost.cost(variant_of[name], n_rows, Path(info["run_dir"]))
                 m["run_dir"] = _rel(Path(info["run_dir"]))
+                m["trained_by"] = info.get("code", [])  # [] = trained before the code was recorded
             elif is_recbole:
                 rb_rec = recbole["recbole"]
                 m["valid"] = recbole["valid"]

@@ -263,7 +263,8 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
     result = fit(model, data, tc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
     item_maps = [(s, pl.read_parquet(cfg.artifact_path("validated_catalog", s) / "item_map.parquet")) for s in sources]
     info = {"stage": "pretrained_model", "sources": sources, "valid_metrics": result.best_metrics,
-            "best_step": result.best_step, "steps": result.steps, "run_dir": str(run), **_world_info()}
+            "best_step": result.best_step, "steps": result.steps, "run_dir": str(run), "code": result.code,
+            **_world_info()}
     out = cfg.artifact_path("pretrained_model")
     if _writer():
         out = export_model(model, out, prefixed_item_map(item_maps, offsets), "+".join(sources), info)
@@ -353,7 +354,8 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
             tr.set_tags({"stage": "finetuned_model", "domain": d.name, "variant": name, "transfer": part})
             result = fit(model, data, vtc, run, tracker=tr, ks=ec.ks, batch_size=ec.batch_size, history=ec.history)
             info = {"variant": name, "transfer": part, "valid_metrics": result.best_metrics, "best_step": result.best_step,
-                    "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run), **_world_info()}
+                    "steps": result.steps, "stopped_early": result.stopped_early, "run_dir": str(run), "code": result.code,
+                    **_world_info()}
             if writer:
                 export_model(model, tmp / ("model" if name == "model" else f"baselines/{name}"), item_map, d.name, info,
                              popularity)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import numbers
 import shutil
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -179,6 +180,27 @@ def read_jsonl_run(folder: str | Path) -> JsonlRun:
     art = folder / "artifacts"
     files = sorted(str(f.relative_to(art)) for f in art.rglob("*") if f.is_file()) if art.is_dir() else []
     return JsonlRun(params=load("params.json"), tags=load("tags.json"), metrics=records, artifacts=files)
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The folder holding the ``mmrec`` package: a git checkout for a clone, site-packages otherwise."""
+
+
+def code_version(paths: tuple[str, ...] = ("mmrec",), checkout: str | Path = CHECKOUT) -> dict[str, Any]:
+    """``{"commit": HEAD, "dirty": whether files under paths differ from it}`` of the git checkout
+    the code runs from; both None where it is not one (an installed package) or git is missing.
+    Finished training runs are reused by the key of their configuration and inputs, not of the
+    code: this is how a result names the code that trained it."""
+    checkout = Path(checkout)
+    if not (checkout / ".git").exists():
+        return {"commit": None, "dirty": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=checkout, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 def flatten(d: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:

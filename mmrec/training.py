@@ -83,7 +83,7 @@ from tqdm import tqdm
 
 from mmrec import distributed
 from mmrec.io import atomic_dir, tensor_digest, write_json
-from mmrec.tracking import NullTracker, Tracker, flatten, numeric_metrics
+from mmrec.tracking import NullTracker, Tracker, code_version, flatten, numeric_metrics
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
@@ -220,6 +220,8 @@ class TrainResult:
     previous evaluation, "improved"}``."""
     best_path: Path | None
     """``out_dir/best/model.safetensors``, or None without a best evaluation."""
+    code: list[dict] = field(default_factory=list)
+    """``TrainState.code``: the commits that trained the run (empty: trained before they were recorded)."""
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -247,6 +249,10 @@ class TrainState:
     log_count: int = 0
     eval_sums: dict[str, float] = field(default_factory=dict)
     eval_count: int = 0
+    code: list[dict] = field(default_factory=list)
+    """The code that trained the run: ``{"from_step", "commit", "dirty"}`` (``mmrec.tracking.code_version``),
+    one entry per start or resume that took steps with code other than the previous entry's. Empty
+    for runs checkpointed before this was recorded: their code is unknown."""
 
     def add(self, sums: Mapping[str, float], count: int = 1) -> None:
         """Add the loss parts of ``count`` steps (``sums``: their totals)."""
@@ -949,6 +955,10 @@ def train(
     pending = StepSums(device)  # loss parts not yet read from the device
     pbar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and writer), desc="train", dynamic_ncols=True)
     try:
+        if not _finished(state, cfg):  # this call takes steps: note the code that takes them
+            version = code_version()
+            if not state.code or {k: state.code[-1].get(k) for k in version} != version:
+                state.code.append({"from_step": state.step, **version})
         while not _finished(state, cfg):
             batches = epoch_batches(n, cfg.batch_size, cfg.seed, state.epoch, cfg.drop_last)[state.batch_in_epoch :]
             if size > 1:  # the distributed sampler: this rank's rows of each global batch
@@ -1015,4 +1025,5 @@ def train(
         stopped_early=_stopped_early(state, cfg),
         history=list(state.history),
         best_path=best_path if state.best_step >= 0 else None,
+        code=list(state.code),
     )

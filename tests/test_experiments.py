@@ -65,6 +65,9 @@ def test_every_planned_cell_has_a_traceable_record(quick):
             hits = (ranks[model].to_numpy() <= 10).mean()
             assert hits == pytest.approx(m["test"]["HR@10"])
         assert t["models"]["finetuned"]["valid"]["NDCG@10"] == metrics["valid"]["finetuned"]["NDCG@10"]
+        # which code trained each run (a reused run can be older than the record's commit)
+        trained = [rec["pretrained"]["trained_by"]] + [m["trained_by"] for m in t["models"].values() if "run_dir" in m]
+        assert all(tb and len(tb[0]["commit"]) == 40 and tb[0]["from_step"] == 0 for tb in trained), name
 
 
 def test_cells_differ_as_planned(quick):

@@ -141,3 +141,25 @@ def test_numeric_metrics_drops_none_and_non_numbers():
     got = numeric_metrics(metrics, "val/")
     assert set(got) == {"val/HR@10", "val/n_users", "val/bad", "val/f32"}
     assert got["val/n_users"] == 12.0 and got["val/f32"] == 0.25 and math.isnan(got["val/bad"])
+
+
+def test_code_version_names_head_and_whether_the_given_paths_differ(tmp_path):
+    import subprocess
+
+    from mmrec.tracking import code_version
+
+    assert code_version(checkout=tmp_path) == {"commit": None, "dirty": None}  # not a checkout (an installed package)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "mmrec").mkdir()
+    (tmp_path / "mmrec" / "m.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("n\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    assert code_version(checkout=tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "notes.txt").write_text("changed\n")  # outside the paths
+    assert code_version(checkout=tmp_path)["dirty"] is False
+    (tmp_path / "mmrec" / "m.py").write_text("x = 2\n")
+    assert code_version(checkout=tmp_path) == {"commit": head, "dirty": True}
+    assert code_version(("notes.txt",), tmp_path)["dirty"] is True
