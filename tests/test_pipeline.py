@@ -113,7 +113,7 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
     import select_finetune
 
     cfg, _ = pipeline
-    args = ["--config", str(cfg.config_path), "--domain", "films", "--variant", "base",
+    args = ["--config", str(cfg.config_path), "--domain", "films", "--variant", "base", "finetune.epochs=3",
             "--variant", "ids", "finetune.item_tower.item_ids=true", "finetune.epochs=3"]
     assert select_finetune.main(args) == 0
     out = capsys.readouterr().out
