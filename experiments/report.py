@@ -20,6 +20,8 @@ import numpy as np
 
 from experiments.cells import GROUPS, REPO
 
+GAP_LABEL = {"scratch": "scratch", "sasrec": "in-tree SASRec", "recbole_sasrec": "RecBole SASRec"}
+"""Short names of the rows a gap column subtracts."""
 MODEL_ORDER = ("finetuned", "scratch", "sasrec", "recbole_sasrec", "id_tower", "zero_shot")
 MODEL_LABEL = {
     "finetuned": "pretrained, fine-tuned", "scratch": "same model from scratch", "sasrec": "in-tree ID SASRec",
@@ -286,10 +288,11 @@ def section_fractions(res: Results, domain: str, out: list[str], figs: Path) -> 
     cells = [("transfer", 1.0)] + [(c["name"], c["value"]) for c in _cells(res, "target_fraction")]
     cells = sorted(cells, key=lambda c: c[1])
     models = [m for m in MODEL_ORDER if any(res.model(c, domain, m) for c, _ in cells)]
+    against = [m for m in ("scratch", "sasrec", "recbole_sasrec") if m in models]  # TransRec's few-user claim
     rows, series = [], {m: [] for m in models}
     for c, f in cells:
         if not res.seeds(c):
-            rows.append([_pct(f), "-", *["not run"] * len(models), "-"])
+            rows.append([_pct(f), "-", *["not run"] * len(models), *["-"] * len(against)])
             continue
         t = res.get(c, res.seeds(c)[0])["targets"][domain]
         cols = []
@@ -298,10 +301,14 @@ def section_fractions(res: Results, domain: str, out: list[str], figs: Path) -> 
             cols.append(fmt(v))
             if v:
                 series[m].append((f, v))
-        rows.append([_pct(f), str(t["n_users"]), *cols, gap_text(res.gap((c, "finetuned"), (c, "scratch"), domain))])
+        rows.append([_pct(f), str(t["n_users"]), *cols,
+                     *[f"{gap_text(g)} ({rel_text(g)})" if (g := res.gap((c, "finetuned"), (c, m), domain)) else "-"
+                       for m in against]])
     out += [f"**Target users for fine-tuning** (test {METRIC}, %; every model trained on the same share; the test "
-            "users are that share's users, so rows of different shares rank different users):", ""]
-    out += _table(["target users", "test users", *[MODEL_LABEL[m] for m in models], "fine-tuned minus scratch [95 %]"], rows)
+            "users are that share's users, so rows of different shares rank different users; gaps paired over "
+            "users, seeds averaged per user, in points and in % of the row they subtract):", ""]
+    out += _table(["target users", "test users", *[MODEL_LABEL[m] for m in models],
+                   *[f"fine-tuned minus {GAP_LABEL.get(m, MODEL_LABEL[m])} [95 %]" for m in against]], rows)
     fig = _line_plot(figs / "target_fraction.png", f"{res.plan['config']}: {domain}, {METRIC} vs share of target users",
                      "target users used for fine-tuning (%)", series)
     if fig:
