@@ -76,6 +76,13 @@ def _floats(metrics: dict[str, Any], prefix: str = "", keys=("HR@10", "NDCG@10",
     return {f"{prefix}{k}": float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float))}
 
 
+def _trained_by(info: dict[str, Any]) -> str:
+    """The commits that took a training run's steps (a finished run is reused across commits)."""
+    code = info.get("code") or []
+    return ", ".join(f"{(e['commit'] or 'not a git checkout')[:10]}{'+dirty' if e['dirty'] else ''} from step "
+                     f"{e['from_step']}" for e in code) or "not recorded (trained before runs recorded their code)"
+
+
 def _run_metadata(run) -> dict[str, Any]:
     return {"mlflow_run": dg.MetadataValue.url(run.url), "mlflow_run_id": run.run_id,
             "mlflow_experiment_id": run.experiment_id}
@@ -173,6 +180,7 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
             **_floats(info["valid_metrics"], "valid "),
             "best_step": int(info["best_step"]),
             "steps": int(info["steps"]),
+            "trained by": _trained_by(info),
             **_run_metadata(run),
         })
 
@@ -204,6 +212,7 @@ def build_assets(domains: dg.StaticPartitionsDefinition, targets: dg.StaticParti
             "model": dg.MetadataValue.path(str(path / "model")),
             "processes": int(variants["model"].get("world_size", 1)),
             "transfer": summary["transfer"]["part"],
+            "trained by": _trained_by(variants["model"]),
             **_floats(variants["model"]["valid_metrics"], "valid "),
             "validation metrics": dg.MetadataValue.md(_metrics_md({n: v["valid_metrics"] for n, v in variants.items()})),
             **_run_metadata(run),

@@ -178,6 +178,11 @@ def test_model_assets_link_their_mlflow_runs_with_provenance_tags(graph):
         assert tags["dagster_run_id"] == run_id(inst, job, part)
         assert {"git_commit", "dvc_data_md5"} <= set(tags)
         assert run.info.status == "FINISHED"
+        if asset in ("pretrained_model", "finetuned_model"):  # the code that trained the run, from its first step
+            from mmrec.tracking import code_version
+
+            head = code_version()["commit"] or "not a git checkout"
+            assert md["trained by"].value.startswith(head[:10]) and " from step 0" in md["trained by"].value
     ft = client.get_run(materializations(inst, "finetuned_model", "films")[0].metadata["mlflow_run_id"].value)
     # each variant's curves stay apart, and its learning curves are PNG artifacts
     assert {"model/val/NDCG_at_10", "scratch/val/NDCG_at_10"} <= set(ft.data.metrics)
