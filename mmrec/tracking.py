@@ -190,7 +190,8 @@ def code_version(paths: tuple[str, ...] = ("mmrec",), checkout: str | Path = CHE
     """``{"commit": HEAD, "dirty": whether files under paths differ from it}`` of the git checkout
     the code runs from; both None where it is not one (an installed package) or git is missing.
     Finished training runs are reused by the key of their configuration and inputs, not of the
-    code: this is how a result names the code that trained it."""
+    code: this is how a result names the code that trained it (``mmrec.training.LOADED_CODE``, taken
+    when the process imported it)."""
     checkout = Path(checkout)
     if not (checkout / ".git").exists():
         return {"commit": None, "dirty": None}

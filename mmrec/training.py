@@ -85,6 +85,9 @@ from mmrec import distributed
 from mmrec.io import atomic_dir, tensor_digest, write_json
 from mmrec.tracking import NullTracker, Tracker, code_version, flatten, numeric_metrics
 
+LOADED_CODE = code_version()
+"""The code this process runs: the checkout's commit (and whether ``mmrec/`` differed from it) when
+this module was imported. A commit made while a long run goes on is not the code that run executes."""
 CHECKPOINT = "checkpoint"
 BEST = "best"
 STATE_FORMAT = 1
@@ -956,7 +959,7 @@ def train(
     pbar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and writer), desc="train", dynamic_ncols=True)
     try:
         if not _finished(state, cfg):  # this call takes steps: note the code that takes them
-            version = code_version()
+            version = LOADED_CODE
             if not state.code or {k: state.code[-1].get(k) for k in version} != version:
                 state.code.append({"from_step": state.step, **version})
         while not _finished(state, cfg):

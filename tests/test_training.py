@@ -650,16 +650,17 @@ def test_a_non_finite_loss_names_its_step_and_is_never_checkpointed(tmp_path):
 def test_the_code_that_takes_steps_is_recorded_and_a_finished_run_keeps_it(tmp_path, monkeypatch):
     import mmrec.training as training
 
-    versions = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True},
-                     {"commit": "c" * 40, "dirty": False}])
-    monkeypatch.setattr(training, "code_version", lambda: next(versions))
+    assert training.LOADED_CODE["commit"] is None or len(training.LOADED_CODE["commit"]) == 40  # this checkout's
+    monkeypatch.setattr(training, "LOADED_CODE", {"commit": "a" * 40, "dirty": False})  # what a process imported
     cfg = cfg_(epochs=2, checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, cfg, hook=killer("checkpoint", 3))
+    monkeypatch.setattr(training, "LOADED_CODE", {"commit": "b" * 40, "dirty": True})
     _, res = run(tmp_path, cfg)  # resumed by other code: both are named, from the step each took over
     assert res.code == [{"from_step": 0, "commit": "a" * 40, "dirty": False},
                         {"from_step": 3, "commit": "b" * 40, "dirty": True}]
     saved = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["state"]["code"]
     assert saved == res.code
-    _, again = run(tmp_path, cfg)  # a finished run read back takes no step: nothing added, "c" unused
-    assert again.code == res.code and next(versions)["commit"] == "c" * 40
+    monkeypatch.setattr(training, "LOADED_CODE", {"commit": "c" * 40, "dirty": False})
+    _, again = run(tmp_path, cfg)  # a finished run read back takes no step: nothing added
+    assert again.code == res.code
