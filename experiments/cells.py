@@ -15,7 +15,8 @@ training budget except for what its ``overrides`` say. Groups (``GROUPS``):
 - ``mom``: TransRec's mixture-of-modality routing (``mom`` tower) against the fused tower on a demo
   catalog in which every item has text *or* an image (demo configs only), NICL off in both.
 - ``objective``: the next-item loss alone, + NICL, + NID, + RCL (each alone on top of the
-  next-item loss; all four together is the transfer cell).
+  next-item loss); all four together is the transfer cell when the base config trains with all
+  four, else a cell of its own (``objective-all``).
 
 Cold-start vs warm targets and training cost are read from every cell's own run (the transfer
 and target-fraction cells carry every model).
@@ -130,6 +131,9 @@ def plan(cfg: PipelineConfig, recbole: bool) -> tuple[list[Cell], list[Skipped]]
     }
     base_obj = cfg.model().objective
     defaults = {"nid_weight": base_obj.nid_weight or 0.1, "rcl_weight": base_obj.rcl_weight or 0.1, "nicl_enabled": True}
+    if not (base_obj.nicl_enabled and base_obj.nid_weight > 0 and base_obj.rcl_weight > 0):
+        # the base config trains without some auxiliary loss: all four together is a cell of its own
+        objectives["all"] = ("next-item + NICL + NID + RCL", {})
     for key, (label, obj) in objectives.items():
         obj = {**{k: v for k, v in defaults.items() if k not in obj}, **obj}
         cells.append(Cell(f"objective-{key}", "objective", label,
@@ -162,6 +166,16 @@ def plain(obj: Any) -> Any:
 def digest(obj: Any, n: int = 16) -> str:
     """A short sha256 of ``obj``'s canonical JSON."""
     return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:n]
+
+
+def recipe(spec: dict[str, Any]) -> str:
+    """A digest of what a cell's runs depend on, from its derived config ``spec`` (``derive``'s
+    output): every section and domain, not where the cell is written (``root``, ``artifacts``, the
+    feature cache's folder). A record whose recipe is not the current one was made under another
+    base config (or code of ``derive``) and is stale."""
+    spec = {k: v for k, v in spec.items() if k not in ("root", "artifacts")}
+    spec["features"] = {k: v for k, v in (spec.get("features") or {}).items() if k != "cache_dir"}
+    return digest(spec)
 
 
 def quick_overrides() -> dict[str, Any]:

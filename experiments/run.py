@@ -242,7 +242,22 @@ class Runner:
             "targets": [d.name for d in self.cfg.targets], "sources": [d.name for d in self.cfg.sources],
             "recbole": self.recbole, "cells": sorted(planned.values(), key=lambda c: (C.GROUPS.index(c["group"]), c["name"])),
             "skipped": [{"name": s.name, "group": s.group, "reason": s.reason} for s in skipped],
+            "stale": self.stale_records(),
         })
+
+    def stale_records(self) -> list[dict[str, Any]]:
+        """Every record of this folder that the current base config would not make (the report
+        leaves them out of its tables and lists them): e.g. after a recipe change in the base
+        config, the cells derived from it."""
+        out = []
+        for cell in C.plan(self.cfg, self.recbole)[0]:
+            for path in sorted(self.records.glob(f"{cell.name}-seed*.json")):
+                seed = path.name[len(cell.name) + len("-seed"):-len(".json")]
+                if seed.isdigit():
+                    why = self.stale(cell, int(seed))
+                    if why is not None:
+                        out.append({"cell": cell.name, "seed": int(seed), "reason": why})
+        return out
 
     def run(self, seeds: list[int], only: list[str] | None = None, command: str | None = None) -> list[Path]:
         """Run every planned cell x seed that has no record yet; returns the records written."""
@@ -252,8 +267,11 @@ class Runner:
         for seed in seeds:
             for cell in cells:
                 if self.record_path(cell, seed).is_file():
-                    self.log(f"[experiments] {cell.name} seed {seed}: record exists, skipped")
-                    continue
+                    why = self.stale(cell, seed)
+                    if why is None:
+                        self.log(f"[experiments] {cell.name} seed {seed}: record exists, skipped")
+                        continue
+                    self.log(f"[experiments] {cell.name} seed {seed}: record {why}: run again")
                 t0 = time.perf_counter()
                 try:
                     written.append(self.run_cell(cell, seed))
@@ -262,6 +280,7 @@ class Runner:
                     self.log(f"[experiments] {cell.name} seed {seed}: FAILED\n{traceback.format_exc()}")
                     continue
                 self.log(f"[experiments] {cell.name} seed {seed}: done in {time.perf_counter() - t0:.0f}s")
+        self.write_plan(seeds, cells, skipped, command)  # the stale list, after the reruns
         if failed:
             raise RuntimeError(f"cells failed (see the log above): {failed}")
         return written
@@ -275,6 +294,34 @@ class Runner:
         return (not self.quick and not cell.overrides and cell.demo is None and cell.source_fraction == 1.0
                 and cell.target_fraction == 1.0 and self.cfg.evaluation().history == "masked")
 
+    def derived(self, cell: C.Cell, seed: int) -> tuple[dict[str, Any], Path | None]:
+        """The cell's derived config (``cells.derive``) and its demo-data folder; nothing written.
+        For the adopted ``transfer`` cell this is the config it would have if it were not adopted
+        (the same sections, domains and seed): its recipe."""
+        demo = C.demo_spec(self.cfg, cell, self.quick)
+        demo_dir = None if demo is None else self.out / "raw" / C.digest(demo)
+        return C.derive(self.cfg, cell, seed, self.cell_dir(cell, seed), self.out / "feature_cache", self.quick,
+                        demo_dir), demo_dir
+
+    def stale(self, cell: C.Cell, seed: int) -> str | None:
+        """Why the existing record of ``cell`` x ``seed`` is not what the current base config makes
+        (None: it is, or there is no record). Records carry their ``recipe``; older ones are
+        checked by the sha256 of the config file they were run with."""
+        path = self.record_path(cell, seed)
+        if not path.is_file():
+            return None
+        rec = json.loads(path.read_text())
+        spec, _ = self.derived(cell, seed)
+        if "recipe" in rec["config"]:
+            same = rec["config"]["recipe"] == C.recipe(spec)
+        elif self.adopts(cell):
+            same = rec["config"]["sha256"] == _sha256(self.base_path)
+        else:
+            import hashlib
+
+            same = rec["config"]["sha256"] == hashlib.sha256(yaml.safe_dump(spec, sort_keys=True).encode()).hexdigest()
+        return None if same else f"made under another config than {_rel(self.base_path)}'s current one"
+
     def cell_config(self, cell: C.Cell, seed: int) -> tuple[PipelineConfig, Path, dict[str, Any]]:
         if self.adopts(cell):
             cfg = self.cfg.with_seed(seed)
@@ -283,15 +330,13 @@ class Runner:
         cdir = self.cell_dir(cell, seed)
         cdir.mkdir(parents=True, exist_ok=True)
         demo = C.demo_spec(self.cfg, cell, self.quick)
-        demo_dir = None
-        if demo is not None:
+        spec, demo_dir = self.derived(cell, seed)
+        if demo_dir is not None and not (demo_dir / ".complete").is_file():
             from mmrec.data.synthetic import DemoConfig, generate_demo
 
-            demo_dir = self.out / "raw" / C.digest(demo)
-            if not (demo_dir / ".complete").is_file():  # deterministic: the same spec writes the same files
-                generate_demo(DemoConfig.from_dict(demo), demo_dir, progress=False)
-                (demo_dir / ".complete").write_text(json.dumps(demo, sort_keys=True))
-        spec = C.derive(self.cfg, cell, seed, cdir, self.out / "feature_cache", self.quick, demo_dir)
+            # deterministic: the same spec writes the same files
+            generate_demo(DemoConfig.from_dict(demo), demo_dir, progress=False)
+            (demo_dir / ".complete").write_text(json.dumps(demo, sort_keys=True))
         text = yaml.safe_dump(spec, sort_keys=True)
         path = cdir / "config.yaml"
         if not path.is_file() or path.read_text() != text:
@@ -354,7 +399,8 @@ class Runner:
         record = {
             "cell": cell.name, "group": cell.group, "label": cell.label, "value": cell.value, "seed": seed,
             "base_config": os.path.relpath(self.base_path, REPO), "quick": self.quick,
-            "config": {"path": _rel(cfg_path), "sha256": _sha256(cfg_path), "overrides": cell.overrides,
+            "config": {"path": _rel(cfg_path), "sha256": _sha256(cfg_path), "recipe": C.recipe(self.derived(cell, seed)[0]),
+                       "overrides": cell.overrides,
                        "source_fraction": cell.source_fraction, "target_fraction": cell.target_fraction, **extra},
             **self.code,
             "threads": self.threads,

@@ -151,11 +151,80 @@ def test_resume_skips_recorded_cells_and_reports_missing_seeds(quick):
     assert "`transfer` (transfer): seed(s) [1] not run yet" in text
 
 
+def test_a_record_of_another_config_is_stale_left_out_and_run_again(quick):
+    root, argv, records = quick
+    path = records / "objective-nid-seed0.json"
+    rec = json.loads(path.read_text())
+    assert len(rec["config"]["recipe"]) == 16
+    rec["config"]["recipe"] = "0" * 16  # as if the base config had another recipe when it ran
+    path.write_text(json.dumps(rec))
+    assert main([*argv, "--plan-only"]) == 0
+    plan = json.loads((records / "plan.json").read_text())
+    assert [(s["cell"], s["seed"]) for s in plan["stale"]] == [("objective-nid", 0)]
+    text = (root / "docs" / "RESULTS.md").read_text()
+    assert "`objective-nid` seed 0: its record was made under another config" in text
+    assert "objective-nid-seed0.json" not in text.split("### Missing cells")[0]  # out of the tables
+    assert main([*argv, "--cells", "objective"]) == 0  # runs it again (its training runs are finished: resumed)
+    new = json.loads(path.read_text())
+    assert new["config"]["recipe"] != "0" * 16 and new["started"] > rec["started"]
+    assert json.loads((records / "plan.json").read_text())["stale"] == []
+    assert "objective-nid-seed0.json" in (root / "docs" / "RESULTS.md").read_text()
+
+
+def test_recipe_follows_the_sections_not_the_location(tmp_path):
+    import dataclasses
+
+    base = load_config(REPO / "configs" / "demo.yaml")
+    cell = next(c for c in C.plan(base, False)[0] if c.name == "objective-nid")
+
+    def recipe(cfg, where):
+        return C.recipe(C.derive(cfg, cell, 0, where / "cells" / "x", where / "cache", False, None))
+
+    assert recipe(base, tmp_path / "a") == recipe(base, tmp_path / "b")
+    other = dataclasses.replace(base, sections=C._merge(base.sections, {"finetune": {"lr": 0.123}}))
+    assert recipe(other, tmp_path / "a") != recipe(base, tmp_path / "a")
+    assert recipe(base, tmp_path / "a") != C.recipe(C.derive(base, cell, 1, tmp_path, tmp_path, False, None))  # seed
+
+
+def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monkeypatch):
+    """benchmarks/valid_gap.py: the fine-tuned model of each record ranks the validation users again
+    (the record's valid metric, reproduced) and the paired gap is printed; a missing record is named."""
+    import sys
+
+    _, _, records = quick
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import valid_gap
+
+    argv = ["--records", str(records), "--domain", "films", "--cell", "transfer", "--cell", "objective-nid", "--seed", "0"]
+    assert valid_gap.main(argv) == 0
+    out = capsys.readouterr().out
+    for cell in ("transfer", "objective-nid"):
+        stored = _record(records, cell)["targets"]["films"]["models"]["finetuned"]["valid"]["NDCG@10"]
+        assert f"{cell} seed 0: valid NDCG@10 {100 * stored:.2f}" in out
+    assert "| objective-nid | " in out and "[" in out.splitlines()[-1]
+    with pytest.raises(SystemExit, match="transfer-seed7.json: no record"):
+        valid_gap.main([*argv[:-1], "7"])
+    sys.modules.pop("valid_gap", None)
+
+
 def test_plan_without_demo_data_skips_mom_with_a_reason():
     cells, skipped = C.plan(load_config(REPO / "configs" / "amazon.yaml"), recbole=True)
     assert {s.name for s in skipped} == {"mom-mom", "mom-fused"}
     assert all("demo" in s.reason for s in skipped)
     assert next(c for c in cells if c.name == "transfer").recbole
+
+
+def test_objective_cells_add_all_four_when_the_base_config_lacks_one():
+    import dataclasses
+
+    base = load_config(REPO / "configs" / "demo.yaml")
+    assert base.model().objective.nicl_enabled and "objective-all" not in {c.name for c in C.plan(base, False)[0]}
+    sections = C._merge(base.sections, {"model": {"objective": {"nicl_enabled": False, "nid_weight": 0.0, "rcl_weight": 0.0}}})
+    cells = {c.name: c for c in C.plan(dataclasses.replace(base, sections=sections), False)[0]}
+    objective = {n for n, c in cells.items() if c.group == "objective"}
+    assert objective == {"objective-next-item", "objective-nicl", "objective-nid", "objective-rcl", "objective-all"}
+    assert cells["objective-all"].overrides["model"]["objective"] == {"nicl_enabled": True, "nid_weight": 0.1, "rcl_weight": 0.1}
+    assert cells["objective-nid"].overrides["model"]["objective"] == {"nicl_enabled": False, "nid_weight": 0.1, "rcl_weight": 0.0}
 
 
 def test_cost_tracker_times_steps_but_not_validation():

@@ -1,0 +1,102 @@
+"""Paired validation gap between two experiment cells' fine-tuned models, over seeds.
+
+A recipe choice that changes pretraining too (an objective, a tower) cannot be probed by
+``select_finetune.py`` (which fine-tunes from one pretrained model); its evidence is the finished
+runs of two ``python -m experiments`` cells. This reads each cell's record per seed, loads its
+fine-tuned model (the early-stopping best), ranks every user's *validation* target under the
+config's protocol and prints the per-seed valid metric, the means and the paired gap of each cell
+to the first one with a 95 % bootstrap interval over users (seeds averaged per user). It never
+reads the test split, so it may select::
+
+    python benchmarks/valid_gap.py --records docs/results/real/records --domain movielens_100k \\
+        --cell transfer --cell objective-next-item --seed 0 --seed 1 --seed 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def finetuned_dir(record: dict, domain: str) -> Path:
+    """The fine-tuned model folder of ``record``'s run on ``domain`` (beside its evaluation folder)."""
+    metrics = Path(record["targets"][domain]["metrics_json"])
+    metrics = metrics if metrics.is_absolute() else REPO / metrics
+    return metrics.parent.parent.parent / "finetuned_model" / domain / "model"
+
+
+def valid_ranks(record: dict, domain: str, threads: int = 1):
+    """Each validation user's rank of their validation target under the record's config."""
+    import torch
+
+    from mmrec import stages
+    from mmrec.config import load_config
+    from mmrec.experiment import evaluate_vectors
+    from mmrec.export import load_model
+
+    torch.set_num_threads(threads)
+    path = Path(record["config"]["path"])
+    cfg = load_config(path if path.is_absolute() else REPO / path)
+    ec = cfg.evaluation()
+    _, data = stages._domain_data(cfg, domain)  # noqa: SLF001 (the stages' own data)
+    m = load_model(finetuned_dir(record, domain))
+    out: dict = {}
+    metrics = evaluate_vectors(lambda h: m.model.user_vectors(h, m.item_vectors), m.item_vectors, data, "valid",
+                               m.model.cfg.max_len, ec.ks, ec.batch_size, ec.history, out)
+    return metrics, out["ranks"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", type=Path, default=REPO / "docs" / "results" / "real" / "records")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--cell", dest="cells", action="append", required=True, help="cell name (repeatable; the first is the reference)")
+    p.add_argument("--seed", dest="seeds", type=int, action="append", required=True)
+    p.add_argument("--metric", default="NDCG@10")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    from mmrec.compare import compare_ranks
+
+    if len(args.cells) < 2 or len(set(args.cells)) != len(args.cells):
+        raise SystemExit(f"--cell: two or more distinct cells, got {args.cells}")
+    ranks: dict[str, list] = {}
+    values: dict[str, list[float]] = {}
+    for cell in args.cells:
+        for seed in args.seeds:
+            path = args.records / f"{cell}-seed{seed}.json"
+            if not path.is_file():
+                raise SystemExit(f"{path}: no record (python -m experiments --cells {cell} --seed {seed})")
+            record = json.loads(path.read_text())
+            if args.domain not in record["targets"]:
+                raise SystemExit(f"{path}: no target {args.domain!r}; targets {sorted(record['targets'])}")
+            metrics, r = valid_ranks(record, args.domain, args.threads)
+            stored = record["targets"][args.domain]["models"]["finetuned"].get("valid", {}).get(args.metric)
+            if stored is not None and abs(stored - metrics[args.metric]) > 1e-6:
+                raise SystemExit(f"{path}: the model's valid {args.metric} {metrics[args.metric]:.6f} is not the "
+                                 f"record's {stored:.6f}: the folder holds another run now")
+            ranks.setdefault(cell, []).append(np.asarray(r))
+            values.setdefault(cell, []).append(100 * metrics[args.metric])
+            print(f"{cell} seed {seed}: valid {args.metric} {100 * metrics[args.metric]:.2f}", flush=True)
+    ref = args.cells[0]
+    print(f"\nvalid {args.metric} (%), seeds {args.seeds}; gap: paired over validation users (seeds averaged per "
+          f"user), 95 % bootstrap interval, against {ref!r}")
+    print("| cell | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | gap to " + ref + " |")
+    print("|---|" + "---|" * len(args.seeds) + "---|---|")
+    for cell in args.cells:
+        gap = "-"
+        if cell != ref:
+            g = compare_ranks(ranks[cell], ranks[ref], args.metric, cell, ref)
+            gap = f"{100 * g.gap:+.2f} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]"
+        print(f"| {cell} | " + " | ".join(f"{v:.2f}" for v in values[cell]) + f" | {np.mean(values[cell]):.2f} | {gap} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
