@@ -232,7 +232,8 @@ class Runner:
     def write_plan(self, seeds: list[int], cells: list[C.Cell], skipped: list[C.Skipped], command: str | None = None) -> None:
         path = self.records / "plan.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
-        planned = {c["name"]: c for c in old.get("cells", [])}
+        current = {c.name for c in C.plan(self.cfg, self.recbole)[0]}  # a cell the base config no longer has is dropped
+        planned = {c["name"]: c for c in old.get("cells", []) if c["name"] in current}
         for c in cells:  # a run of some cells keeps the others of an earlier plan
             planned[c.name] = {"name": c.name, "group": c.group, "label": c.label, "value": c.value,
                                "seeds": sorted(set(planned.get(c.name, {}).get("seeds", [])) | set(seeds))}

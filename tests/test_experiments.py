@@ -158,9 +158,14 @@ def test_a_record_of_another_config_is_stale_left_out_and_run_again(quick):
     assert len(rec["config"]["recipe"]) == 16
     rec["config"]["recipe"] = "0" * 16  # as if the base config had another recipe when it ran
     path.write_text(json.dumps(rec))
+    plan = json.loads((records / "plan.json").read_text())
+    plan["cells"].append({"name": "objective-gone", "group": "objective", "label": "a cell of an older plan",
+                          "value": None, "seeds": [0]})
+    (records / "plan.json").write_text(json.dumps(plan))
     assert main([*argv, "--plan-only"]) == 0
     plan = json.loads((records / "plan.json").read_text())
     assert [(s["cell"], s["seed"]) for s in plan["stale"]] == [("objective-nid", 0)]
+    assert "objective-gone" not in {c["name"] for c in plan["cells"]}  # the base config no longer plans it
     text = (root / "docs" / "RESULTS.md").read_text()
     assert "`objective-nid` seed 0: its record was made under another config" in text
     assert "objective-nid-seed0.json" not in text.split("### Missing cells")[0]  # out of the tables
