@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fine-tuning seed)")
     p.add_argument("--quick", action="store_true", help="every cell at toy size on the built-in demo data (tests the "
                    "script, not the numbers)")
-    p.add_argument("--cells", nargs="+", help=f"only these cells or groups ({', '.join(C.GROUPS)})")
+    p.add_argument("--cells", nargs="+", action="extend", help=f"only these cells or groups (repeatable) ({', '.join(C.GROUPS)})")
     p.add_argument("--out", default="artifacts/experiments", help="work folder (artifacts, shared data, runs)")
     p.add_argument("--records", help="record folder (default docs/results/<config name>/records)")
     p.add_argument("--docs", default="docs", help="where RESULTS.md and results/*.png go (default docs)")

@@ -232,6 +232,14 @@ def test_objective_cells_add_all_four_when_the_base_config_lacks_one():
     assert cells["objective-nid"].overrides["model"]["objective"] == {"nicl_enabled": False, "nid_weight": 0.1, "rcl_weight": 0.0}
 
 
+def test_cells_and_seeds_repeat_without_dropping_earlier_ones():
+    from experiments.run import build_parser
+
+    args = build_parser().parse_args(["--config", "c.yaml", "--cells", "objective-nicl", "--cells", "objective-nid",
+                                      "objective-rcl", "--seed", "1", "--seed", "2"])
+    assert args.cells == ["objective-nicl", "objective-nid", "objective-rcl"] and args.seeds == [1, 2]
+
+
 def test_cost_tracker_times_steps_but_not_validation():
     tr = CostTracker()
     tr.set_tags({"variant": "model"})
