@@ -73,6 +73,10 @@ class Results:
                 out[s] = m
         return out
 
+    def pretrained(self, cell: str) -> dict[int, dict[str, Any]]:
+        """seed -> the pretraining entry of the cell's record (seeds whose record has one)."""
+        return {s: p for s in self.seeds(cell) if (p := self.get(cell, s).get("pretrained"))}
+
     def ranks(self, cell: str, seed: int, domain: str, model: str) -> np.ndarray | None:
         import polars as pl
 
@@ -357,24 +361,30 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
         out += [f"Not applicable: {s['reason']}." for s in res.plan.get("skipped", []) if s["group"] == group][:1] + [""]
         return []
     has_scratch = any(res.model(c, domain, "scratch") for c, _ in cells)
-    rows, bars = [], {}
+    has_pre = any(res.pretrained(c) for c, _ in cells)
+    rows, bars, learned_nothing = [], {}, []
     for c, label in cells:
         if not res.seeds(c):
-            rows.append([label, "not run", "-", "-", "-"] + (["-"] if has_scratch else []))
+            rows.append([label, "not run", "-", "-", "-"] + (["-"] if has_scratch else []) + (["-"] if has_pre else []))
             continue
         ft = res.model(c, domain, "finetuned")
         sc = _values(res.model(c, domain, "scratch"), ("test", METRIC))
+        pre = _values(res.pretrained(c), ("valid_metrics", METRIC))
+        if pre and max(pre) == 0.0:
+            learned_nothing.append(label)
         g = None if reference is None or c == reference else res.gap((c, "finetuned"), (reference, "finetuned"), domain)
         row = [label, fmt(_values(ft, ("test", "HR@10"))), fmt(_values(ft, ("test", METRIC))),
                fmt(_values(ft, ("valid", METRIC)))]
+        if has_pre:
+            row.append(fmt(pre))
         if has_scratch:
             row.append(fmt(sc))
         row.append("reference" if c == reference else gap_text(g))
         rows.append(row)
         bars[_short(c)] = {"finetuned": _values(ft, ("test", METRIC)), **({"scratch": sc} if sc else {})}
     ref_label = dict(cells).get(reference, reference)
-    head = ["cell", "HR@10", "NDCG@10", "valid NDCG@10"] + (["from scratch NDCG@10"] if has_scratch else []) + [
-        f"minus {ref_label} [95 %]"]
+    head = (["cell", "HR@10", "NDCG@10", "valid NDCG@10"] + ([f"pretraining: sources' valid {METRIC}"] if has_pre else [])
+            + (["from scratch NDCG@10"] if has_scratch else []) + [f"minus {ref_label} [95 %]"])
     out += _table(head, rows)
     made = []
     if fig_name:
@@ -382,6 +392,11 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
         if fig:
             made.append(fig)
             out += ["", f"![{title}]({os.path.relpath(fig, figs.parent.parent)})"]
+    if learned_nothing:
+        note = (note + " " if note else "") + (
+            f"Pretraining learned nothing for {', '.join(learned_nothing)} (its best validation {METRIC} on the sources "
+            "is 0: e.g. an image-only tower pretrained on a text-only source sees no input), so the fine-tuned row is "
+            "in effect trained from scratch.")
     out += ["", (note + " " if note else "") + f"Pretrained + fine-tuned rows unless named otherwise; test split, values "
             f"in % ({_seeds_note(res, [c for c, _ in cells])}). " + _trace(res, [c for c, _ in cells]), ""]
     return made

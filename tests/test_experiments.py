@@ -369,3 +369,28 @@ def test_a_single_share_or_row_draws_no_figure_and_removes_a_stale_one(tmp_path)
     assert not line.exists() and not bar.exists()
     assert report._line_plot(line, "t", "x", {"finetuned": [(0.5, [0.1]), (1.0, [0.2])]}) == line and line.is_file()
     assert report._bar_plot(bar, "t", {"a": {"finetuned": [0.1]}, "b": {"finetuned": [0.2]}}) == bar and bar.is_file()
+
+
+def test_ablation_rows_show_the_pretraining_and_flag_one_that_learned_nothing(quick, tmp_path):
+    """An image-only tower pretrained on a text-only source scores 0 on the sources' validation: the
+    modality table shows each row's pretraining validation and says that row is in effect from scratch."""
+    import shutil
+
+    from experiments import report
+
+    _, _, records = quick
+    copy = tmp_path / "docs" / "results" / "demo-quick" / "records"
+    shutil.copytree(records, copy)
+    path = copy / "tower-image-seed0.json"
+    rec = json.loads(path.read_text())
+    assert rec["pretrained"]["valid_metrics"]["NDCG@10"] > 0  # the demo source has images
+    text = report.write_report(tmp_path / "docs", [copy]).read_text()
+    part = text[text.index("### Modality ablation"):text.index("### MoM routing")]
+    assert "| pretraining: sources' valid NDCG@10 |" in part and "Pretraining learned nothing" not in part
+    rec["pretrained"]["valid_metrics"]["NDCG@10"] = 0.0
+    path.write_text(json.dumps(rec))
+    text = report.write_report(tmp_path / "docs", [copy]).read_text()
+    part = text[text.index("### Modality ablation"):text.index("### MoM routing")]
+    row = next(line for line in part.splitlines() if line.startswith("| image-only item tower |"))
+    assert row.split(" | ")[4] == "0.00"
+    assert "Pretraining learned nothing for image-only item tower" in part
