@@ -71,6 +71,10 @@ class Cell:
     """Also train RecBole's SASRec on the cell's target split (when its environment exists)."""
     value: float | None = None
     """The cell's position on its group's axis (a user fraction), for tables and plots."""
+    needs: tuple[str, ...] = ()
+    """The modalities the cell's item tower reads together (``text``, ``image``): on target domains
+    where no item has all of them the cell is not applicable, found when it runs (``not_applicable``;
+    the plan has not read the data)."""
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,12 @@ def plan(cfg: PipelineConfig, recbole: bool) -> tuple[list[Cell], list[Skipped]]
     scratch = _baselines(cfg, ("scratch",)) if "scratch" in every else {"evaluation": {"baselines": ["scratch"], "gate_against": []}}
     for tower in ("text", "image"):
         cells.append(Cell(f"tower-{tower}", "modality", f"{tower}-only item tower",
-                          _merge(_merge(NO_NICL, scratch), {"model": {"item_tower": {"name": tower}}})))
+                          _merge(_merge(NO_NICL, scratch), {"model": {"item_tower": {"name": tower}}}), needs=(tower,)))
     for fusion in FUSIONS:
         cells.append(Cell(f"fused-{fusion}", "modality", f"fused tower, {fusion} fusion",
                           _merge(_merge(NO_NICL, scratch), {"model": {"item_tower": {"name": "fused"},
-                                                                      "fusion": {"name": fusion}}})))
+                                                                      "fusion": {"name": fusion}}}),
+                          needs=("text", "image")))
     for tower in ("mom", "fused"):
         name, label = f"mom-{tower}", ("MoM routing (each item through its own modality's encoder)" if tower == "mom"
                                        else "fused tower (merge_attention)")
@@ -139,6 +144,20 @@ def plan(cfg: PipelineConfig, recbole: bool) -> tuple[list[Cell], list[Skipped]]
         cells.append(Cell(f"objective-{key}", "objective", label,
                           {"model": {"objective": obj}, "evaluation": {"baselines": [], "gate_against": []}}))
     return cells, skipped
+
+
+def not_applicable(cell: Cell, stats: dict[str, dict[str, Any]]) -> str | None:
+    """Why ``cell`` cannot be measured on target domains with these validated-catalog ``stats``
+    (``validated_catalog``'s ``stats.json`` by domain; ``share_text``, ``share_image``, ``share_both``),
+    or None: some target has items with every modality the cell's item tower reads."""
+    if not cell.needs:
+        return None
+    key = "share_both" if set(cell.needs) >= {"text", "image"} else f"share_{cell.needs[0]}"
+    if any(float(s.get(key, 0.0)) > 0 for s in stats.values()):
+        return None
+    what = "text and an image" if key == "share_both" else ("an image" if key == "share_image" else "text")
+    return (f"no item of the target domain(s) {', '.join(sorted(stats))} has {what} ({key} 0 in the validated "
+            f"catalog), so the {cell.label} has nothing to read")
 
 
 # -- deriving a cell's config -----------------------------------------------------------------

@@ -357,8 +357,12 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
               extra: list[tuple[str, str]] = (), note: str = "", fig_name: str | None = None) -> list[Path]:
     cells = [(c["name"], c["label"]) for c in _cells(res, group)] + list(extra)
     out += [f"### {title} ({domain})", ""]
+    # cells found not applicable when they ran (their item tower reads a modality no target item has)
+    at_run = [f"`{s['name']}`: not applicable: {s['reason']}." for s in res.plan.get("skipped", [])
+              if s["group"] == group and s.get("at_run")]
     if not cells:
-        out += [f"Not applicable: {s['reason']}." for s in res.plan.get("skipped", []) if s["group"] == group][:1] + [""]
+        out += ([f"Not applicable: {s['reason']}." for s in res.plan.get("skipped", []) if s["group"] == group
+                 and not s.get("at_run")][:1] + at_run + [""])
         return []
     has_scratch = any(res.model(c, domain, "scratch") for c, _ in cells)
     has_pre = any(res.pretrained(c) for c, _ in cells)
@@ -399,6 +403,8 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
             "in effect trained from scratch.")
     out += ["", (note + " " if note else "") + f"Pretrained + fine-tuned rows unless named otherwise; test split, values "
             f"in % ({_seeds_note(res, [c for c, _ in cells])}). " + _trace(res, [c for c, _ in cells]), ""]
+    if at_run:
+        out += [*(f"- {line}" for line in at_run), ""]
     return made
 
 

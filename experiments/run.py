@@ -210,6 +210,8 @@ class Runner:
         self.recbole = recbole == "on" or (recbole == "auto" and not quick and recbole_available())
         self.log = log
         self.code = git_commit()  # the code this process runs: a commit made while it runs is not it
+        self.inapplicable: dict[str, str] = {}  # cell -> why, found by this process from the data
+        self.checked: set[str] = set()  # cells whose applicability this process has read from the data
 
     # paths
     def cell_dir(self, cell: C.Cell, seed: int) -> Path:
@@ -233,7 +235,14 @@ class Runner:
         path = self.records / "plan.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         current = {c.name for c in C.plan(self.cfg, self.recbole)[0]}  # a cell the base config no longer has is dropped
-        planned = {c["name"]: c for c in old.get("cells", []) if c["name"] in current}
+        # cells found not applicable when they ran (the data has no item they can read): this run's
+        # findings, and an earlier run's for the cells this run did not look at
+        at_run = {s["name"]: s for s in old.get("skipped", []) if s.get("at_run") and s["name"] in current
+                  and s["name"] not in self.checked}
+        at_run.update({c.name: {"name": c.name, "group": c.group, "reason": self.inapplicable[c.name], "at_run": True}
+                       for c in C.plan(self.cfg, self.recbole)[0] if c.name in self.inapplicable})
+        planned = {c["name"]: c for c in old.get("cells", []) if c["name"] in current and c["name"] not in at_run}
+        cells = [c for c in cells if c.name not in at_run]
         for c in cells:  # a run of some cells keeps the others of an earlier plan
             planned[c.name] = {"name": c.name, "group": c.group, "label": c.label, "value": c.value,
                                "seeds": sorted(set(planned.get(c.name, {}).get("seeds", [])) | set(seeds))}
@@ -242,7 +251,7 @@ class Runner:
             "command": command or old.get("command"),
             "targets": [d.name for d in self.cfg.targets], "sources": [d.name for d in self.cfg.sources],
             "recbole": self.recbole, "cells": sorted(planned.values(), key=lambda c: (C.GROUPS.index(c["group"]), c["name"])),
-            "skipped": [{"name": s.name, "group": s.group, "reason": s.reason} for s in skipped],
+            "skipped": [{"name": s.name, "group": s.group, "reason": s.reason} for s in skipped] + list(at_run.values()),
             "stale": self.stale_records(),
         })
 
@@ -275,6 +284,10 @@ class Runner:
                     self.log(f"[experiments] {cell.name} seed {seed}: record {why}: run again")
                 t0 = time.perf_counter()
                 try:
+                    why = self.not_applicable(cell, seed)
+                    if why is not None:
+                        self.log(f"[experiments] {cell.name}: not applicable: {why}")
+                        continue
                     written.append(self.run_cell(cell, seed))
                 except Exception:  # noqa: BLE001 - one failed cell must not lose the others; reported at the end
                     failed.append((cell.name, seed))
@@ -285,6 +298,24 @@ class Runner:
         if failed:
             raise RuntimeError(f"cells failed (see the log above): {failed}")
         return written
+
+    def not_applicable(self, cell: C.Cell, seed: int) -> str | None:
+        """Why ``cell`` cannot be measured on this config's data (``cells.not_applicable``: its item
+        tower reads a modality no target item has), or None. Reads the targets' validated catalogs
+        (their data stages run here if they have not yet) and remembers the answer for the plan."""
+        if not cell.needs:
+            return None
+        cfg, _, _ = self.cell_config(cell, seed)
+        self._data_stages(cfg, until="validated_catalog")
+        stats = {d.name: json.loads((cfg.artifact_path("validated_catalog", d.name) / "stats.json").read_text())
+                 for d in cfg.targets}
+        why = C.not_applicable(cell, stats)
+        self.checked.add(cell.name)
+        if why is None:
+            self.inapplicable.pop(cell.name, None)
+        else:
+            self.inapplicable[cell.name] = why
+        return why
 
     def adopts(self, cell: C.Cell) -> bool:
         """Whether ``cell`` is the base config as it is (``transfer``, outside ``--quick``). It then runs
@@ -344,16 +375,17 @@ class Runner:
             path.write_text(text)
         return load_config(path), path, {"demo": demo}
 
-    def _data_stages(self, cfg: PipelineConfig) -> None:
-        """raw_catalog, validated_catalog and item_features of every domain, run once per key in
-        ``shared/`` and linked into the cell's artifacts (the stages read them through the link)."""
+    def _data_stages(self, cfg: PipelineConfig, until: str = DATA_STAGES[-1]) -> None:
+        """raw_catalog, validated_catalog and item_features (up to ``until``) of every domain, run
+        once per key in ``shared/`` and linked into the cell's artifacts (the stages read them through
+        the link)."""
         import dataclasses as dc
 
         model = cfg.model()
         for d in cfg.domains:
             key = {"source": C.plain(d.source), "name": d.name}
             upstream: Path | None = None
-            for stage in DATA_STAGES:
+            for stage in DATA_STAGES[:DATA_STAGES.index(until) + 1]:
                 if stage == "validated_catalog":
                     key = {**key, "validation": C.plain(d.validation), "preprocess": C.plain(cfg.preprocess),
                            "user_fraction": d.user_fraction}

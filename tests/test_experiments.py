@@ -394,3 +394,36 @@ def test_ablation_rows_show_the_pretraining_and_flag_one_that_learned_nothing(qu
     row = next(line for line in part.splitlines() if line.startswith("| image-only item tower |"))
     assert row.split(" | ")[4] == "0.00"
     assert "Pretraining learned nothing for image-only item tower" in part
+
+
+def test_a_modality_cell_is_not_applicable_where_no_target_item_has_it(tmp_path):
+    """A text-only target (the demo's films, generated without images): the image-only and fused
+    towers have nothing to read there; found from the validated catalog when they run, they are
+    listed with the reason, not trained and not left "not run yet"; the text tower still runs."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    spec["root"] = str(REPO)
+    spec["preset"] = str(REPO / "configs" / "presets" / "cpu.yaml")
+    spec["demo"].update({"p_text_only": [0.3, 0.3, 1.0], "p_image_only": [0.2, 0.2, 0.0]})
+    spec["validation"]["min_image_share"] = 0.0
+    base = tmp_path / "textonly.yaml"
+    base.write_text(yaml.safe_dump(spec))
+    docs = tmp_path / "docs"
+    argv = ["--config", str(base), "--quick", "--seed", "0", "--cells", "modality", "--out", str(tmp_path / "out"),
+            "--docs", str(docs)]
+    assert main(argv) == 0
+    records = docs / "results" / "textonly-quick" / "records"
+    assert sorted(p.name for p in records.glob("*-seed0.json")) == ["tower-text-seed0.json"]
+    plan = json.loads((records / "plan.json").read_text())
+    at_run = {s["name"]: s["reason"] for s in plan["skipped"] if s.get("at_run")}
+    assert set(at_run) == {"tower-image", "fused-concat", "fused-gated", "fused-merge_attention", "fused-sum"}
+    assert "share_image 0" in at_run["tower-image"] and "share_both 0" in at_run["fused-sum"]
+    assert "films" in at_run["tower-image"]
+    assert {c["name"] for c in plan["cells"] if c["group"] == "modality"} == {"tower-text"}
+    text = (docs / "RESULTS.md").read_text()
+    part = text[text.index("### Modality ablation"):text.index("### MoM routing")]
+    assert "| text-only item tower |" in part and "- `tower-image`: not applicable: no item of the target" in part
+    assert "not run yet" not in text.split("### Missing cells")[1].split("###")[0]
+    assert main(argv) == 0  # a rerun reads the data again and finds the same; the record is kept
+    assert json.loads((records / "plan.json").read_text())["skipped"] == plan["skipped"]
