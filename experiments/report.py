@@ -358,8 +358,10 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
     cells = [(c["name"], c["label"]) for c in _cells(res, group)] + list(extra)
     out += [f"### {title} ({domain})", ""]
     # cells found not applicable when they ran (their item tower reads a modality no target item has)
-    at_run = [f"`{s['name']}`: not applicable: {s['reason']}." for s in res.plan.get("skipped", [])
+    at_run = [f"`{s['name']}`: not applicable: {s['reason']}." for s in sorted(res.plan.get("skipped", []), key=lambda s: s["name"])
               if s["group"] == group and s.get("at_run")]
+    if reference not in dict(cells):  # e.g. found not applicable: no gap column
+        reference = None
     if not cells:
         out += ([f"Not applicable: {s['reason']}." for s in res.plan.get("skipped", []) if s["group"] == group
                  and not s.get("at_run")][:1] + at_run + [""])
@@ -369,7 +371,8 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
     rows, bars, learned_nothing = [], {}, []
     for c, label in cells:
         if not res.seeds(c):
-            rows.append([label, "not run", "-", "-", "-"] + (["-"] if has_scratch else []) + (["-"] if has_pre else []))
+            rows.append([label, "not run", "-", "-"] + (["-"] if has_scratch else []) + (["-"] if has_pre else [])
+                        + (["-"] if reference is not None else []))
             continue
         ft = res.model(c, domain, "finetuned")
         sc = _values(res.model(c, domain, "scratch"), ("test", METRIC))
@@ -383,12 +386,13 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
             row.append(fmt(pre))
         if has_scratch:
             row.append(fmt(sc))
-        row.append("reference" if c == reference else gap_text(g))
+        if reference is not None:
+            row.append("reference" if c == reference else gap_text(g))
         rows.append(row)
         bars[_short(c)] = {"finetuned": _values(ft, ("test", METRIC)), **({"scratch": sc} if sc else {})}
     ref_label = dict(cells).get(reference, reference)
     head = (["cell", "HR@10", "NDCG@10", "valid NDCG@10"] + ([f"pretraining: sources' valid {METRIC}"] if has_pre else [])
-            + (["from scratch NDCG@10"] if has_scratch else []) + [f"minus {ref_label} [95 %]"])
+            + (["from scratch NDCG@10"] if has_scratch else []) + ([f"minus {ref_label} [95 %]"] if reference else []))
     out += _table(head, rows)
     made = []
     if fig_name:
