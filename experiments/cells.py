@@ -72,9 +72,9 @@ class Cell:
     value: float | None = None
     """The cell's position on its group's axis (a user fraction), for tables and plots."""
     needs: tuple[str, ...] = ()
-    """The modalities the cell's item tower reads together (``text``, ``image``): on target domains
-    where no item has all of them the cell is not applicable, found when it runs (``not_applicable``;
-    the plan has not read the data)."""
+    """The modalities the cell's item tower reads together (``text``, ``image``; ``text-or-image``:
+    MoM routing, items of both routes): on target domains where no item has them the cell is not
+    applicable, found when it runs (``not_applicable``; the plan has not read the data)."""
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,16 @@ def plan(cfg: PipelineConfig, recbole: bool) -> tuple[list[Cell], list[Skipped]]
         over = _merge(_merge(NO_NICL, scratch), {"model": {"item_tower": {"name": tower}}})
         if tower == "fused":
             over = _merge(over, {"model": {"fusion": {"name": "merge_attention"}}})
-        if cfg.demo is None:
-            skipped.append(Skipped(name, "mom", "needs a catalog whose items have text OR an image: the built-in demo "
-                                   "generator makes one, and this config has no demo section"))
-        else:
+        if cfg.demo is not None:  # demo data regenerated with every item text-only or image-only
             cells.append(Cell(name, "mom", label + ", text-OR-image catalog", over, demo=dict(MOM_DEMO)))
+        else:
+            # the config's own data: an item with both modalities is routed to its image (TransRec's
+            # items are text OR image; an image-less item goes through the text encoder), so the catalog
+            # must hold items of both routes (MovieLens-100K: 62 posterless films), found when it runs
+            if tower == "mom":
+                over = _merge(over, {"model": {"item_tower": {"mom_both": "image"}}})
+                label = "MoM routing (an item through its image encoder, its text encoder where it has no image)"
+            cells.append(Cell(name, "mom", label, over, needs=("text-or-image",)))
     objectives = {
         "next-item": ("next-item loss alone", {"nicl_enabled": False, "nid_weight": 0.0, "rcl_weight": 0.0}),
         "nicl": ("next-item + NICL", {"nid_weight": 0.0, "rcl_weight": 0.0}),
@@ -152,6 +157,14 @@ def not_applicable(cell: Cell, stats: dict[str, dict[str, Any]]) -> str | None:
     or None: some target has items with every modality the cell's item tower reads."""
     if not cell.needs:
         return None
+    if cell.needs == ("text-or-image",):  # MoM routing needs items of both routes
+        counts = {d: (int(s.get("text_only", 0)), round(float(s.get("share_image", 0.0)) * int(s.get("items", 0))))
+                  for d, s in stats.items()}
+        if any(t > 0 and i > 0 for t, i in counts.values()):
+            return None
+        shown = "; ".join(f"{d}: {t} text-only, {i} with an image" for d, (t, i) in sorted(counts.items()))
+        return (f"routing by modality needs target items without an image and items with one ({shown} in the "
+                f"validated catalog), so {cell.label} would be a single-modality tower")
     key = "share_both" if set(cell.needs) >= {"text", "image"} else f"share_{cell.needs[0]}"
     if any(float(s.get(key, 0.0)) > 0 for s in stats.values()):
         return None

@@ -212,11 +212,29 @@ def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monk
     sys.modules.pop("valid_gap", None)
 
 
-def test_plan_without_demo_data_skips_mom_with_a_reason():
+def test_plan_without_demo_data_routes_its_own_catalog_by_modality():
+    """Without a demo section the MoM cells run on the config's own data: an item with an image through
+    the image encoder, one without through the text encoder; applicable only where a target has items
+    of both routes (MovieLens-100K: 62 posterless films; the text-only Amazon domain: none)."""
     cells, skipped = C.plan(load_config(REPO / "configs" / "amazon.yaml"), recbole=True)
-    assert {s.name for s in skipped} == {"mom-mom", "mom-fused"}
-    assert all("demo" in s.reason for s in skipped)
-    assert next(c for c in cells if c.name == "transfer").recbole
+    assert not skipped
+    cells = {c.name: c for c in cells}
+    assert cells["transfer"].recbole
+    mom, fused = cells["mom-mom"], cells["mom-fused"]
+    assert mom.demo is None and mom.overrides["model"]["item_tower"] == {"name": "mom", "mom_both": "image"}
+    assert fused.overrides == cells["fused-merge_attention"].overrides  # one config: shared training runs
+    movielens = {"items": 1682, "text_only": 62, "share_image": 0.963, "share_both": 0.963, "share_text": 1.0}
+    amazon = {"items": 33921, "text_only": 33921, "share_image": 0.0, "share_both": 0.0, "share_text": 1.0}
+    everything_both = {"items": 100, "text_only": 0, "share_image": 1.0, "share_both": 1.0, "share_text": 1.0}
+    assert C.not_applicable(mom, {"movielens_100k": movielens}) is None
+    assert C.not_applicable(fused, {"amazon_instrument": amazon, "movielens_100k": movielens}) is None
+    why = C.not_applicable(mom, {"amazon_instrument": amazon})
+    assert why and "amazon_instrument: 33921 text-only, 0 with an image" in why
+    assert "0 text-only, 100 with an image" in C.not_applicable(fused, {"films": everything_both})
+    assert C.not_applicable(cells["tower-image"], {"movielens_100k": movielens}) is None
+    assert "share_image 0" in C.not_applicable(cells["tower-image"], {"amazon_instrument": amazon})
+    assert "share_both 0" in C.not_applicable(cells["fused-gated"], {"amazon_instrument": amazon})
+    assert C.not_applicable(cells["tower-text"], {"amazon_instrument": amazon}) is None
 
 
 def test_objective_cells_add_all_four_when_the_base_config_lacks_one():
