@@ -358,7 +358,7 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
     cells = [(c["name"], c["label"]) for c in _cells(res, group)] + list(extra)
     out += [f"### {title} ({domain})", ""]
     # cells found not applicable when they ran (their item tower reads a modality no target item has)
-    at_run = [f"`{s['name']}`: not applicable: {s['reason']}." for s in sorted(res.plan.get("skipped", []), key=lambda s: s["name"])
+    at_run = [f"- `{s['name']}`: not applicable: {s['reason']}." for s in sorted(res.plan.get("skipped", []), key=lambda s: s["name"])
               if s["group"] == group and s.get("at_run")]
     if reference not in dict(cells):  # e.g. found not applicable: no gap column
         reference = None
@@ -408,7 +408,7 @@ def _ablation(res: Results, domain: str, out: list[str], figs: Path, title: str,
     out += ["", (note + " " if note else "") + f"Pretrained + fine-tuned rows unless named otherwise; test split, values "
             f"in % ({_seeds_note(res, [c for c, _ in cells])}). " + _trace(res, [c for c, _ in cells]), ""]
     if at_run:
-        out += [*(f"- {line}" for line in at_run), ""]
+        out += [*at_run, ""]
     return made
 
 

@@ -443,5 +443,13 @@ def test_a_modality_cell_is_not_applicable_where_no_target_item_has_it(tmp_path)
     part = text[text.index("### Modality ablation"):text.index("### MoM routing")]
     assert "| text-only item tower |" in part and "- `tower-image`: not applicable: no item of the target" in part
     assert "not run yet" not in text.split("### Missing cells")[1].split("###")[0]
+    # every cell of a group not applicable: each listed as its own item, not run together
+    from experiments import report
+
+    res = report.Results.load(records)
+    res.plan["cells"] = [c for c in res.plan["cells"] if c["group"] != "modality"]
+    out: list[str] = []
+    report._ablation(res, "films", out, tmp_path / "figs", "Modality ablation", "modality", "fused-merge_attention")
+    assert sum(line.startswith("- `") and "not applicable" in line for line in out) == 5
     assert main(argv) == 0  # a rerun reads the data again and finds the same; the record is kept
     assert json.loads((records / "plan.json").read_text())["skipped"] == plan["skipped"]
