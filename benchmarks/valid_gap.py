@@ -10,6 +10,13 @@ reads the test split, so it may select::
 
     python benchmarks/valid_gap.py --records docs/results/real/records --domain movielens_100k \\
         --cell transfer --cell objective-next-item --seed 0 --seed 1 --seed 2
+
+A cell may name another record folder as ``CELL@FOLDER``: a probe config's runs (``configs/probes/``,
+run by ``python -m experiments --config configs/probes/X.yaml --records docs/results/probes/X/records``)
+against the base config's cell of the same seeds::
+
+    python benchmarks/valid_gap.py --domain movielens_100k --cell transfer \\
+        --cell transfer@docs/results/probes/real-moe/records --seed 0 --seed 1 --seed 2
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=Path, default=REPO / "docs" / "results" / "real" / "records")
     p.add_argument("--domain", required=True)
-    p.add_argument("--cell", dest="cells", action="append", required=True, help="cell name (repeatable; the first is the reference)")
+    p.add_argument("--cell", dest="cells", action="append", required=True,
+                   help="cell name, or CELL@RECORDS_FOLDER for another folder's record (repeatable; the first is the reference)")
     p.add_argument("--seed", dest="seeds", type=int, action="append", required=True)
     p.add_argument("--metric", default="NDCG@10")
     p.add_argument("--threads", type=int, default=1)
@@ -69,10 +77,14 @@ def main(argv=None) -> int:
     ranks: dict[str, list] = {}
     values: dict[str, list[float]] = {}
     for cell in args.cells:
+        name, at, folder = cell.partition("@")
+        records = Path(folder) if at else args.records
+        if at and not records.is_dir():
+            raise SystemExit(f"--cell {cell}: no record folder {records}")
         for seed in args.seeds:
-            path = args.records / f"{cell}-seed{seed}.json"
+            path = records / f"{name}-seed{seed}.json"
             if not path.is_file():
-                raise SystemExit(f"{path}: no record (python -m experiments --cells {cell} --seed {seed})")
+                raise SystemExit(f"{path}: no record (python -m experiments --cells {name} --seed {seed})")
             record = json.loads(path.read_text())
             if args.domain not in record["targets"]:
                 raise SystemExit(f"{path}: no target {args.domain!r}; targets {sorted(record['targets'])}")

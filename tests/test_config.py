@@ -367,7 +367,8 @@ def test_repo_amazon_target_config_swaps_the_roles_and_shares_the_feature_cache(
     assert amazon.train("finetune").epochs == 40 and amazon.train("finetune").patience == 5
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+                         + sorted((REPO / "configs" / "probes").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_pipeline_config_loads(path):
     cfg = load_config(path)
@@ -495,3 +496,22 @@ def test_a_phase_objective_fails_loudly_where_it_cannot_apply(tmp_path, text, ma
     with pytest.raises((ConfigError, ValueError), match=match):
         cfg.train("pretrain")
         cfg.model("finetune")
+
+
+def test_probe_configs_differ_from_real_only_in_what_they_probe():
+    """configs/probes/: the reference is configs/real.yaml's recipe as it is; each probe changes one thing
+    (benchmarks/valid_gap.py compares their runs on validation)."""
+    real = load_config(REPO / "configs" / "real.yaml")
+
+    def recipe(cfg):
+        return {k: v for k, v in cfg.sections.items() if k != "evaluation"}, cfg.domains, cfg.preprocess
+
+    base = load_config(REPO / "configs" / "probes" / "real-base.yaml")
+    assert recipe(base) == recipe(real) and base.artifacts != real.artifacts
+    assert base.evaluation().baselines == () or list(base.evaluation().baselines) == []
+    moe = load_config(REPO / "configs" / "probes" / "real-moe.yaml")
+    assert moe.model().item_tower.adaptor == "moe" and moe.model("finetune").item_tower.adaptor == "moe"
+    assert recipe(moe)[1:] == recipe(real)[1:] and moe.model().dim == real.model().dim
+    wide = load_config(REPO / "configs" / "probes" / "real-d128.yaml")
+    assert wide.model().dim == 128 and wide.model().item_tower == real.model().item_tower
+    assert len({base.artifacts, moe.artifacts, wide.artifacts, real.artifacts}) == 4

@@ -209,6 +209,14 @@ def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monk
     assert "| objective-nid | " in out and "[" in out.splitlines()[-1]
     with pytest.raises(SystemExit, match="transfer-seed7.json: no record"):
         valid_gap.main([*argv[:-1], "7"])
+    # a cell of another record folder (a probe config's runs): CELL@FOLDER, read from there
+    other = f"objective-nid@{records}"
+    assert valid_gap.main(["--records", str(records / "nowhere"), "--domain", "films", "--cell", other,
+                           "--cell", f"transfer@{records}", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"{other} seed 0: valid NDCG@10" in out and f"gap to {other} |" in out
+    with pytest.raises(SystemExit, match="no record folder"):
+        valid_gap.main([*argv[:6], "--cell", f"transfer@{records / 'nowhere'}", "--seed", "0"])
     sys.modules.pop("valid_gap", None)
 
 
