@@ -36,8 +36,16 @@ def finetuned_dir(record: dict, domain: str) -> Path:
     return metrics.parent.parent.parent / "finetuned_model" / domain / "model"
 
 
-def valid_ranks(record: dict, domain: str, threads: int = 1):
-    """Each validation user's rank of their validation target under the record's config."""
+def pretrained_dir(record: dict) -> Path:
+    """The pretrained model folder of ``record``'s run (beside its evaluation folder)."""
+    metrics = Path(next(iter(record["targets"].values()))["metrics_json"])
+    metrics = metrics if metrics.is_absolute() else REPO / metrics
+    return metrics.parent.parent.parent / "pretrained_model"
+
+
+def valid_ranks(record: dict, domain: str | None, threads: int = 1):
+    """Each validation user's rank of their validation target under the record's config: the fine-tuned
+    model on target ``domain``, or (``domain`` None) the pretrained model on the sources' validation."""
     import torch
 
     from mmrec import stages
@@ -49,8 +57,16 @@ def valid_ranks(record: dict, domain: str, threads: int = 1):
     path = Path(record["config"]["path"])
     cfg = load_config(path if path.is_absolute() else REPO / path)
     ec = cfg.evaluation()
-    _, data = stages._domain_data(cfg, domain)  # noqa: SLF001 (the stages' own data)
-    m = load_model(finetuned_dir(record, domain))
+    if domain is None:  # the pretrained model on the sources together, as pretrained_model validates it
+        from mmrec.data.sequences import concat_sequences
+        from mmrec.features import concat_contents
+
+        parts = [stages._domain_data(cfg, s.name) for s in cfg.sources]  # noqa: SLF001
+        data = concat_sequences([d for _, d in parts], concat_contents([c for c, _ in parts])[1])
+        m = load_model(pretrained_dir(record))
+    else:
+        _, data = stages._domain_data(cfg, domain)  # noqa: SLF001 (the stages' own data)
+        m = load_model(finetuned_dir(record, domain))
     out: dict = {}
     metrics = evaluate_vectors(lambda h: m.model.user_vectors(h, m.item_vectors), m.item_vectors, data, "valid",
                                m.model.cfg.max_len, ec.ks, ec.batch_size, ec.history, out)
@@ -60,7 +76,9 @@ def valid_ranks(record: dict, domain: str, threads: int = 1):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=Path, default=REPO / "docs" / "results" / "real" / "records")
-    p.add_argument("--domain", required=True)
+    p.add_argument("--domain", help="target domain: its fine-tuned models on its validation split")
+    p.add_argument("--pretraining", action="store_true", help="instead: the pretrained models on the sources' "
+                   "validation split (what pretrained_model early-stops on)")
     p.add_argument("--cell", dest="cells", action="append", required=True,
                    help="cell name, or CELL@RECORDS_FOLDER for another folder's record (repeatable; the first is the reference)")
     p.add_argument("--seed", dest="seeds", type=int, action="append", required=True)
@@ -72,6 +90,8 @@ def main(argv=None) -> int:
 
     from mmrec.compare import compare_ranks
 
+    if args.pretraining == bool(args.domain):
+        raise SystemExit("give --domain (fine-tuned models) or --pretraining (pretrained models), one of them")
     if len(args.cells) < 2 or len(set(args.cells)) != len(args.cells):
         raise SystemExit(f"--cell: two or more distinct cells, got {args.cells}")
     ranks: dict[str, list] = {}
@@ -86,10 +106,16 @@ def main(argv=None) -> int:
             if not path.is_file():
                 raise SystemExit(f"{path}: no record (python -m experiments --cells {name} --seed {seed})")
             record = json.loads(path.read_text())
-            if args.domain not in record["targets"]:
-                raise SystemExit(f"{path}: no target {args.domain!r}; targets {sorted(record['targets'])}")
-            metrics, r = valid_ranks(record, args.domain, args.threads)
-            stored = record["targets"][args.domain]["models"]["finetuned"].get("valid", {}).get(args.metric)
+            if args.pretraining:
+                if not record.get("pretrained"):
+                    raise SystemExit(f"{path}: no pretrained model (a cell without a source)")
+                metrics, r = valid_ranks(record, None, args.threads)
+                stored = record["pretrained"].get("valid_metrics", {}).get(args.metric)
+            else:
+                if args.domain not in record["targets"]:
+                    raise SystemExit(f"{path}: no target {args.domain!r}; targets {sorted(record['targets'])}")
+                metrics, r = valid_ranks(record, args.domain, args.threads)
+                stored = record["targets"][args.domain]["models"]["finetuned"].get("valid", {}).get(args.metric)
             if stored is not None and abs(stored - metrics[args.metric]) > 1e-6:
                 raise SystemExit(f"{path}: the model's valid {args.metric} {metrics[args.metric]:.6f} is not the "
                                  f"record's {stored:.6f}: the folder holds another run now")
@@ -97,7 +123,8 @@ def main(argv=None) -> int:
             values.setdefault(cell, []).append(100 * metrics[args.metric])
             print(f"{cell} seed {seed}: valid {args.metric} {100 * metrics[args.metric]:.2f}", flush=True)
     ref = args.cells[0]
-    print(f"\nvalid {args.metric} (%), seeds {args.seeds}; gap: paired over validation users (seeds averaged per "
+    where = "pretrained models on the sources" if args.pretraining else f"fine-tuned models on {args.domain}"
+    print(f"\n{where}: valid {args.metric} (%), seeds {args.seeds}; gap: paired over validation users (seeds averaged per "
           f"user), 95 % bootstrap interval, against {ref!r}")
     print("| cell | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | gap to " + ref + " |")
     print("|---|" + "---|" * len(args.seeds) + "---|---|")

@@ -217,6 +217,16 @@ def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monk
     assert f"{other} seed 0: valid NDCG@10" in out and f"gap to {other} |" in out
     with pytest.raises(SystemExit, match="no record folder"):
         valid_gap.main([*argv[:6], "--cell", f"transfer@{records / 'nowhere'}", "--seed", "0"])
+    # the pretrained models on the sources' validation: the record's pretraining valid metric, reproduced
+    assert valid_gap.main(["--records", str(records), "--pretraining", "--cell", "transfer", "--cell", "objective-nid",
+                           "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    for cell in ("transfer", "objective-nid"):
+        stored = _record(records, cell)["pretrained"]["valid_metrics"]["NDCG@10"]
+        assert f"{cell} seed 0: valid NDCG@10 {100 * stored:.2f}" in out
+    assert "pretrained models on the sources: valid NDCG@10" in out
+    with pytest.raises(SystemExit, match="one of them"):
+        valid_gap.main([*argv[:4], "--pretraining", *argv[4:]])
     sys.modules.pop("valid_gap", None)
 
 
