@@ -11,6 +11,10 @@ reads the test split, so it may select::
     python benchmarks/valid_gap.py --records docs/results/real/records --domain movielens_100k \\
         --cell transfer --cell objective-next-item --seed 0 --seed 1 --seed 2
 
+``--pretraining`` (in place of ``--domain``) compares the cells' pretrained models instead, on the
+sources' validation split (what ``pretrained_model`` early-stops on); the record's pretraining valid
+metric is reproduced the same way.
+
 A cell may name another record folder as ``CELL@FOLDER``: a probe config's runs (``configs/probes/``,
 run by ``python -m experiments --config configs/probes/X.yaml --records docs/results/probes/X/records``)
 against the base config's cell of the same seeds::
