@@ -288,7 +288,9 @@ def _variants(cfg: PipelineConfig):
     if "scratch" in ec.baselines:
         out["scratch"] = (model_cfg, "none", {})
     spec = model_cfg.to_dict()
-    id_item = {k: v for k, v in spec["item_tower"].items() if k != "item_ids"}  # ID towers: IDs already
+    # ID towers: IDs already, and no encoder for a content adaptor to map (so their run keys do not change with it)
+    id_item = {k: v for k, v in spec["item_tower"].items()
+               if k not in ("item_ids", "adaptor", "adaptor_experts", "adaptor_dropout")}
     id_spec = dict(spec, text_encoder=None, image_encoder=None, fusion=None)
     if "sasrec" in ec.baselines:
         # the standard ID SASRec: ID embeddings, full-catalog cross-entropy, its own dropout and lr

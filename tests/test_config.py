@@ -484,6 +484,22 @@ def test_finetune_item_tower_adds_item_ids_for_fine_tuning_only_and_never_to_id_
     assert not towers["sasrec"].item_ids and not towers["id_tower"].item_ids
 
 
+def test_the_content_adaptor_never_reaches_the_id_baselines(tmp_path):
+    from mmrec import stages
+
+    def variants(adaptor: str, name: str):
+        text = LIST_FORM + ("    model: {item_tower: {name: text" + adaptor + "}, text_encoder: {}, objective: {nicl_enabled: false}}\n"
+                            "    evaluation: {baselines: [scratch, sasrec, id_tower]}\n")
+        return stages._variants(load_config(_write(tmp_path, text, name)))
+
+    linear, moe = variants("", "linear.yaml"), variants(", adaptor: moe, adaptor_experts: 4", "moe.yaml")
+    assert moe["model"][0].item_tower.adaptor == moe["scratch"][0].item_tower.adaptor == "moe"
+    assert moe["model"][0].to_dict() != linear["model"][0].to_dict()
+    for name in ("sasrec", "id_tower"):  # same model, same run key, whatever adaptor the content towers use
+        assert moe[name][0].item_tower.adaptor == "linear"
+        assert moe[name][0].to_dict() == linear[name][0].to_dict()
+
+
 @pytest.mark.parametrize("text, match", [
     ("    pretrain: {objective: {name: full_softmax}}\n", "unknown key.*objective"),
     ("    pretrain: {item_tower: {item_ids: true}}\n", "unknown key.*item_tower"),
