@@ -282,6 +282,7 @@ def _variants(cfg: PipelineConfig):
     """The models ``finetuned_model`` trains: ``name -> (model config, transfer part, train overrides)``
     for the fine-tuned one and the configured trained baselines."""
     from mmrec.models.recommender import ModelConfig
+    from mmrec.models.towers import ADAPTOR_FIELDS
 
     model_cfg, transfer, ec = cfg.model("finetune"), cfg.transfer(), cfg.evaluation()
     out = {"model": (model_cfg, transfer.part, {})}
@@ -290,7 +291,7 @@ def _variants(cfg: PipelineConfig):
     spec = model_cfg.to_dict()
     # ID towers: IDs already, and no encoder for a content adaptor to map (so their run keys do not change with it)
     id_item = {k: v for k, v in spec["item_tower"].items()
-               if k not in ("item_ids", "adaptor", "adaptor_experts", "adaptor_dropout")}
+               if k != "item_ids" and k not in ADAPTOR_FIELDS}
     id_spec = dict(spec, text_encoder=None, image_encoder=None, fusion=None)
     if "sasrec" in ec.baselines:
         # the standard ID SASRec: ID embeddings, full-catalog cross-entropy, its own dropout and lr

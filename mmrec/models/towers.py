@@ -88,6 +88,11 @@ def no_content(proj: nn.Module) -> torch.Tensor:
     return proj(proj.bias.new_zeros(1, proj.bias.shape[1]))[0]  # MoEAdaptor
 
 
+ADAPTOR_FIELDS = ("adaptor", "adaptor_experts", "adaptor_dropout")
+"""The ``ItemTowerConfig`` fields that configure the content adaptor (left out of ``to_dict`` with the
+``linear`` one, and of the ID baselines' item towers, which map no encoder)."""
+
+
 @dataclass(frozen=True)
 class ItemTowerConfig:
     """Which item tower and how it combines modalities (section ``model.item_tower``)."""
@@ -99,7 +104,7 @@ class ItemTowerConfig:
     dropout: float = 0.1
     """Dropout on the item vector."""
     adaptor: str = "linear"
-    """A key of ``ADAPTORS``: how each encoder's features (tokens and pooled) reach width d."""
+    """A key of ``ADAPTORS`` (its settings: ``ADAPTOR_FIELDS``): how each encoder's features (tokens and pooled) reach width d."""
     adaptor_experts: int = 8
     """``moe`` adaptor: number of whitening experts (UniSRec: 8)."""
     adaptor_dropout: float = 0.2
@@ -132,7 +137,7 @@ class ItemTowerConfig:
         these fields existed still matches."""
         out = dataclasses.asdict(self)
         if self.adaptor == "linear":
-            for k in ("adaptor", "adaptor_experts", "adaptor_dropout"):
+            for k in ADAPTOR_FIELDS:
                 out.pop(k)
         if not self.item_ids:
             out.pop("item_ids")
