@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses as dc
 import textwrap
 from pathlib import Path
 
@@ -530,4 +531,9 @@ def test_probe_configs_differ_from_real_only_in_what_they_probe():
     assert recipe(moe)[1:] == recipe(real)[1:] and moe.model().dim == real.model().dim
     wide = load_config(REPO / "configs" / "probes" / "real-d128.yaml")
     assert wide.model().dim == 128 and wide.model().item_tower == real.model().item_tower
-    assert len({base.artifacts, moe.artifacts, wide.artifacts, real.artifacts}) == 4
+    slow = load_config(REPO / "configs" / "probes" / "real-d128-lr3e-4.yaml")
+    assert slow.model() == wide.model() and slow.model("finetune") == wide.model("finetune")
+    for phase in ("pretrain", "finetune"):  # only the learning rate differs from the d = 128 probe
+        assert slow.train(phase).lr == 3e-4 and real.train(phase).lr == 1e-3
+        assert dc.replace(slow.train(phase), lr=real.train(phase).lr) == real.train(phase)
+    assert len({base.artifacts, moe.artifacts, wide.artifacts, slow.artifacts, real.artifacts}) == 5
