@@ -538,7 +538,8 @@ def test_probe_configs_differ_from_real_only_in_what_they_probe():
         assert dc.replace(slow.train(phase), lr=real.train(phase).lr) == real.train(phase)
     longer = load_config(REPO / "configs" / "probes" / "real-pretrain-50.yaml")
     assert longer.train("pretrain").epochs == 50 and real.train("pretrain").epochs == 15
-    assert dc.replace(longer.train("pretrain"), epochs=15) == real.train("pretrain")
+    assert longer.train("pretrain").patience == 5 and real.train("pretrain").patience == 2
+    assert dc.replace(longer.train("pretrain"), epochs=15, patience=2) == real.train("pretrain")
     assert recipe(longer)[1:] == recipe(real)[1:] and longer.model() == real.model()
     assert longer.train("finetune") == real.train("finetune") and longer.model("finetune") == real.model("finetune")
     assert len({base.artifacts, moe.artifacts, wide.artifacts, slow.artifacts, longer.artifacts, real.artifacts}) == 6
