@@ -180,6 +180,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _bar_heights(vals: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Bar heights and error bars in %, per row: the mean over seeds and the sample sd. A row without the
+    series is NaN (no bar: 0 would read as a measured score of zero), one seed has no error bar (NaN, not 0)."""
+    nan = float("nan")
+    ys = [100 * statistics.mean(v) if v else nan for v in vals]
+    err = [100 * statistics.stdev(v) if len(v) > 1 else nan for v in vals]
+    return ys, err
+
+
 def _bar_plot(path: Path, title: str, bars: dict[str, dict[str, list[float]]]) -> Path | None:
     """``bars``: row label -> {series: per-seed values}."""
     import matplotlib
@@ -196,15 +205,14 @@ def _bar_plot(path: Path, title: str, bars: dict[str, dict[str, list[float]]]) -
     width = 0.8 / len(series)
     for j, s in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(bars))]
-        vals = [bars[r].get(s) or [] for r in bars]
-        ys = [100 * statistics.mean(v) if v else 0.0 for v in vals]
-        err = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ys, err = _bar_heights([bars[r].get(s) or [] for r in bars])
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=MODEL_LABEL.get(s, s))
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.18)  # head room: the legend sits above the bars, not on one
     ax.set_xticks(range(len(bars)), list(bars), rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(f"test {METRIC} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncols=len(series))
     return _save(fig, path)
 
 

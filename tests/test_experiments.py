@@ -407,6 +407,16 @@ def test_a_single_share_or_row_draws_no_figure_and_removes_a_stale_one(tmp_path)
     assert report._bar_plot(bar, "t", {"a": {"finetuned": [0.1]}, "b": {"finetuned": [0.2]}}) == bar and bar.is_file()
 
 
+def test_a_missing_bar_or_a_single_seed_draws_nothing_rather_than_zero():
+    import math
+
+    from experiments import report
+
+    ys, err = report._bar_heights([[0.07, 0.09], [0.05], []])
+    assert ys[:2] == pytest.approx([8.0, 5.0]) and err[0] == pytest.approx(100 * 0.01414213, rel=1e-5)
+    assert math.isnan(ys[2]) and math.isnan(err[1]) and math.isnan(err[2])
+
+
 def test_ablation_rows_show_the_pretraining_and_flag_one_that_learned_nothing(quick, tmp_path):
     """An image-only tower pretrained on a text-only source scores 0 on the sources' validation: the
     modality table shows each row's pretraining validation and says that row is in effect from scratch."""
