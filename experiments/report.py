@@ -638,7 +638,11 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
         made += section_fractions(res, domain, out, figs)
         made += _ablation(res, domain, out, figs, "Modality ablation", "modality", "fused-merge_attention",
                           note="NICL is off in every row of this table (a single-modality tower cannot have it), "
-                          "so the fused merge_attention row differs from the transfer cell's fine-tuned model.",
+                          "so the fused merge_attention row differs from the transfer cell's fine-tuned model. "
+                          "A single-modality tower maps its encoder's pooled vector to d (with frozen encoders only the "
+                          "adaptor is trained: a Linear map by default), while a fused tower combines the tokens "
+                          "(merge_attention: a trained Transformer layer over them): with frozen encoders a fused tower "
+                          "has more trained layers, also on items with one modality.",
                           fig_name="modality.png")
         if any("text-OR-image catalog" in c["label"] for c in _cells(res, "mom")):
             made += _ablation(res, domain, out, figs, "MoM routing vs fused on a text-OR-image catalog", "mom", "mom-fused",
