@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PORT ?= 5001
 
-.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve bench-setup compare bench-epoch experiments clean
+.PHONY: install demo repro ui mlflow-ui serve rollback test test-slow bench bench-serve bench-memory bench-setup compare bench-epoch experiments clean
 
 install: $(STAMP)
 
@@ -84,6 +84,15 @@ bench: install
 # the same sections replaces it), rendered into docs/RESULTS.md by `python -m experiments --report-only`.
 bench-serve: install
 	$(BIN)/python benchmarks/bench_serving.py --only $(or $(ONLY),http) --seconds $(or $(BENCH_SECONDS),10)
+
+# Resident memory of a real-data fine-tuning run with and without handing freed heap memory back to
+# the OS (TrainConfig.release_memory; benchmarks/bench_memory.py): each setting in its own process,
+# RSS after loading, at its peak and at the end, and seconds per step. Needs the config's
+# item_features (`mmrec item_features --config $(CONFIG)`). CONFIG (default configs/amazon.yaml),
+# DOMAIN (default amazon_instrument), STEPS (default 300: about 10 minutes on 2 cores). Writes
+# docs/results/bench/bench_memory-<domain>.json for docs/RESULTS.md.
+bench-memory: install
+	$(BIN)/python benchmarks/bench_memory.py --config $(or $(CONFIG),configs/amazon.yaml) --domain $(or $(DOMAIN),amazon_instrument) --steps $(or $(STEPS),300)
 
 # The README's set-up claims from a fresh clone of HEAD (benchmarks/fresh_clone.py): times
 # `make install` and `make demo` there, the venv's size and `pip check`; a record for RESULTS.md.

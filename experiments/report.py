@@ -567,6 +567,7 @@ BENCH_SCRIPTS = {  # script -> the make target that runs it and the record it wr
     "benchmarks/bench.py": ("make bench", "bench.json"),
     "benchmarks/bench_serving.py": ("make bench-serve", "bench_serving-<sections>.json"),
     "benchmarks/fresh_clone.py": ("make bench-setup", "fresh_clone.json"),
+    "benchmarks/bench_memory.py": ("make bench-memory", "bench_memory-<domain>.json"),
 }
 
 
@@ -579,7 +580,7 @@ def _load(load: list[float] | None) -> str:
 
 
 def section_benchmarks(folder: Path, out: list[str]) -> None:
-    """Every record of ``benchmarks/bench.py`` and ``benchmarks/bench_serving.py`` in ``folder``
+    """Every record of the ``BENCH_SCRIPTS`` in ``folder``
     (``docs/results/bench``): each table as the script printed it, under a sentence with the
     command, commit, date and load averages of its run. Machine-level: once, not per config."""
     out += ["## Benchmarks", "",

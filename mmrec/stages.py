@@ -162,6 +162,15 @@ def _run_dir(cfg: PipelineConfig, stage: str, domain: str | None, key_parts: dic
     return cfg.artifacts / "runs" / stage / (domain or "all") / h.hexdigest()[:16]
 
 
+def _train_key(tc) -> dict[str, Any]:
+    """The run-key part of a ``TrainConfig``: every field that can change the weights. ``progress``
+    stays as ``None`` (as in every key since run keys exist); ``release_memory`` (added later, it
+    changes resident memory only) is left out, so existing runs keep their keys and resume."""
+    key = dataclasses.asdict(tc) | {"progress": None}
+    key.pop("release_memory")
+    return key
+
+
 def _domain_data(cfg: PipelineConfig, domain: str):
     import polars as pl
 
@@ -253,7 +262,7 @@ def pretrained_model(cfg: PipelineConfig, domain: str | None = None, progress: b
     inputs = [cfg.artifact_path("item_features", s) / "features.safetensors" for s in sources] + [
         cfg.artifact_path("validated_catalog", s) / "splits.parquet" for s in sources]
     device = cfg.device()
-    run = _run_dir(cfg, "pretrained_model", None, {"model": model_cfg.to_dict(), "train": dc.asdict(tc) | {"progress": None},
+    run = _run_dir(cfg, "pretrained_model", None, {"model": model_cfg.to_dict(), "train": _train_key(tc),
                                                    **_device_key(device)}, inputs)
     torch.manual_seed(tc.seed)
     model = Recommender(model_cfg, n_items=content.n_items).to(device)
@@ -341,7 +350,7 @@ def finetuned_model(cfg: PipelineConfig, domain: str, progress: bool = True, tra
     with atomic_dir(out) if writer else contextlib.nullcontext() as tmp:
         for name, (mcfg, part, overrides) in _variants(cfg).items():
             vtc = dc.replace(tc, **overrides)
-            key = {"model": mcfg.to_dict(), "train": dc.asdict(vtc) | {"progress": None}, "part": part,
+            key = {"model": mcfg.to_dict(), "train": _train_key(vtc), "part": part,
                    "adapters": transfer.freeze_user_encoder_except_adapters, **_device_key(device)}
             run = _run_dir(cfg, "finetuned_model", d.name, key, inputs + ([pretrained] if part != "none" else []))
             torch.manual_seed(tc.seed)

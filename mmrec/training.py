@@ -83,6 +83,7 @@ from tqdm import tqdm
 
 from mmrec import distributed
 from mmrec.io import atomic_dir, tensor_digest, write_json
+from mmrec.memory import release_freed_memory
 from mmrec.tracking import NullTracker, Tracker, code_version, flatten, numeric_metrics
 
 LOADED_CODE = code_version()
@@ -159,6 +160,10 @@ class TrainConfig:
     """DataLoader worker processes (exact resume needs 0 when the data pipeline draws random numbers)."""
     log_every: int = 10
     """Send the mean training loss (and its parts) to the tracker every this many steps."""
+    release_memory: bool = True
+    """Every ``log_every`` steps and after each evaluation, hand the heap memory the allocator holds
+    free back to the operating system (glibc ``malloc_trim``, ``mmrec.memory``); without it a long CPU
+    run's resident memory grows with heap fragmentation (``benchmarks/memory.py`` measures both)."""
     progress: bool = True
     """Show a tqdm progress bar with the running loss and the last ``monitor`` value."""
 
@@ -196,6 +201,8 @@ class TrainConfig:
             raise ValueError(f"bf16 must be true, false or null (on for CUDA only), got {self.bf16!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.release_memory, bool):
+            raise ValueError(f"release_memory must be true or false, got {self.release_memory!r}")
 
 
 # Fields that change the trajectory of a run: a checkpoint resumes only under the same values.
@@ -945,6 +952,8 @@ def train(
             state.bad_evals += 1
         tracker.log_metrics(numeric_metrics(metrics, "val/"), step=state.step)
         pbar.set_postfix(postfix(), refresh=False)
+        if cfg.release_memory:  # evaluation frees its score buffers and every item vector
+            release_freed_memory()
         notify("eval")
 
     def run_checkpoint() -> None:
@@ -991,6 +1000,8 @@ def train(
                     shown_loss[:] = [logged["train/loss"]]
                     pbar.set_postfix(postfix(), refresh=False)
                     state.log_sums, state.log_count = {}, 0
+                    if cfg.release_memory:
+                        release_freed_memory()
                 pbar.update(1)
                 notify("step")
                 eval_due = epoch_done if cfg.eval_every is None else state.step % cfg.eval_every == 0

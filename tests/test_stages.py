@@ -164,3 +164,13 @@ def test_metrics_summary_table_has_no_gap_line_without_the_finetuned_model():
 def test_metrics_summary_table_refuses_runs_that_do_not_compare(runs, match):
     with pytest.raises(ValueError, match=match):
         stages.metrics_summary_table(runs)
+
+
+def test_run_keys_leave_out_what_changes_display_or_memory_only():
+    from mmrec.training import TrainConfig
+
+    a = stages._train_key(TrainConfig(progress=True, release_memory=True))
+    b = stages._train_key(TrainConfig(progress=False, release_memory=False))
+    assert a == b  # a run resumes and is found again whatever these two say
+    assert a["progress"] is None and "release_memory" not in a  # keys made before release_memory existed still match
+    assert stages._train_key(TrainConfig(lr=0.01)) != a

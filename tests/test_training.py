@@ -10,6 +10,7 @@ only if every one of these states is checkpointed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -432,6 +433,22 @@ def test_max_steps_budget_is_exact(tmp_path):
     assert [h["step"] for h in res.history] == [10, 13]  # end of epoch 1, then the final step
     assert int(load_file(tmp_path / "checkpoint" / "model.safetensors")["seen"]) == 9 * 32 + 12 + 3 * 32
     assert not res.stopped_early
+
+
+def test_freed_memory_is_released_every_log_every_steps_and_after_each_evaluation(tmp_path, monkeypatch):
+    import mmrec.training as training
+
+    calls: list[int] = []
+    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(1))
+    cfg = cfg_(epochs=2, log_every=3, scheduler="constant")  # 10 steps an epoch
+    model_on, res_on = run(tmp_path / "on", cfg)
+    assert res_on.steps == 20 and len(calls) == 20 // 3 + 2  # steps 3, 6, ..., 18 and two evaluations
+    calls.clear()
+    model_off, res_off = run(tmp_path / "off", dataclasses.replace(cfg, release_memory=False))
+    assert calls == []
+    assert_same_state(model_on.state_dict(), model_off.state_dict())  # memory only, never the weights
+    with pytest.raises(ValueError, match="release_memory"):
+        TrainConfig(release_memory="yes")
 
 
 def test_monitor_missing_from_metrics_fails_loudly(tmp_path):
