@@ -21,9 +21,10 @@ def test_epoch_time_counts_steps_per_epoch_and_compares_with_recbole(tmp_path, v
     assert cli.main(["item_features", "--config", str(cfg.config_path), "-q"]) == 0
     py = _fake_python(tmp_path)
     assert epoch_time.main(["--config", str(cfg.config_path), "--domain", "shop", "--models", "model", "scratch",
-                            "--epochs", "2", "--recbole-python", str(py)]) == 0
+                            "--epochs", "2", "--recbole-python", str(py), "--records", str(tmp_path / "rec")]) == 0
     out = capsys.readouterr().out
     record = json.loads((cfg.artifacts / "bench" / "epoch_time-shop-t1.json").read_text())
+    assert json.loads((tmp_path / "rec" / "epoch_time-shop-t1.json").read_text()) == record
     splits = pl.read_parquet(cfg.artifact_path("validated_catalog", "shop") / "splits.parquet")
     assert record["train_targets_per_epoch"] == sum(len(t) - 1 for t in splits["train"].to_list())
     rows = {r["model"]: r for r in record["rows"]}
@@ -47,7 +48,7 @@ def test_unknown_model_or_missing_recbole(tmp_path, validated, capsys):  # noqa:
         raise AssertionError("an unknown variant must fail")
     assert cli.main(["item_features", "--config", str(cfg.config_path), "-q"]) == 0
     assert epoch_time.main(["--config", str(cfg.config_path), "--domain", "shop", "--models", "model", "--epochs", "1",
-                            "--recbole-python", str(tmp_path / "nope")]) == 0
+                            "--recbole-python", str(tmp_path / "nope"), "--records", ""]) == 0
     assert "RecBole row skipped" in capsys.readouterr().err
     rows = json.loads((cfg.artifacts / "bench" / "epoch_time-shop-t1.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["model"] and rows[0]["share_of_recbole_epoch"] is None
