@@ -10,8 +10,8 @@ printed; nothing reads the test split.
 
     .venv/bin/python benchmarks/bench_memory.py --config configs/amazon.yaml --domain amazon_instrument --steps 300
 
-Needs ``validated_catalog`` and ``item_features`` of the domain (`make repro` / `mmrec item_features
---config ...`). Prints a table; writes ``docs/results/bench/bench_memory-<domain>.json`` (``--records``),
+Needs ``validated_catalog`` and ``item_features`` of the domain (`make bench-memory` builds them:
+``mmrec raw_catalog``, ``validated_catalog``, ``item_features --config ...``). Prints a table; writes ``docs/results/bench/bench_memory-<domain>.json`` (``--records``),
 which ``python -m experiments --report-only`` puts into docs/RESULTS.md (`make bench-memory`).
 """
 
