@@ -163,7 +163,7 @@ class TrainConfig:
     release_memory: bool = True
     """Every ``log_every`` steps and after each evaluation, hand the heap memory the allocator holds
     free back to the operating system (glibc ``malloc_trim``, ``mmrec.memory``); without it a long CPU
-    run's resident memory grows with heap fragmentation (``benchmarks/memory.py`` measures both)."""
+    run's resident memory grows with heap fragmentation (``benchmarks/bench_memory.py`` measures both)."""
     progress: bool = True
     """Show a tqdm progress bar with the running loss and the last ``monitor`` value."""
 
