@@ -15,8 +15,10 @@ split is read once by the ``evaluation`` of the run that uses it.
 
 One seed's validation gain is not evidence: on MovieLens-100K a +0.9 NDCG@10 win of seed 0 did not
 hold on seed 3 (configs/real.yaml). Overrides that change parameter shapes (dim, layers) cannot load
-the pretrained weights and fail. Records go to ``<seed's artifacts>/select_finetune/<domain>/<variant>.json``
-with the per-user validation ranks; a finished one is read back.
+the pretrained weights and fail. Records go to ``<records>/<domain>/<variant>-seed<N>.json`` (default
+``--records docs/results/selection/<config name>``, kept in git: ``docs/RESULTS.md`` renders them
+under "Fine-tuning recipe selection") with the command, commit, config digest and the per-user
+validation ranks; a finished one is read back, never refitted.
 """
 
 from __future__ import annotations
@@ -24,14 +26,23 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses as dc
+import hashlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (records name no machine's folders)."""
+    path = Path(path).resolve()
+    return os.path.relpath(path, REPO) if REPO in path.parents else str(path)
 
 
 def _apply(sections: dict, overrides: list[str]) -> dict:
@@ -86,7 +97,9 @@ def main(argv=None) -> int:
                    help="fine-tuning seed (repeatable; default: the config's); each reads its own pretrained model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--metric", default="NDCG@10")
+    p.add_argument("--records", type=Path, help="record folder (default docs/results/selection/<config name>)")
     args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
 
     import numpy as np
     import torch
@@ -94,9 +107,11 @@ def main(argv=None) -> int:
     from mmrec.compare import compare_ranks
     from mmrec.config import load_config
     from mmrec.io import write_json
+    from mmrec.tracking import code_version
 
     torch.set_num_threads(args.threads)
     base = load_config(args.config)
+    records = args.records or REPO / "docs" / "results" / "selection" / Path(args.config).stem
     name = base.domain(args.domain).name
     seeds = args.seeds or [base.train("finetune").seed]
     if len(set(seeds)) != len(seeds):
@@ -112,15 +127,25 @@ def main(argv=None) -> int:
     recs: dict[str, dict[int, dict]] = {}
     for variant, *overrides in args.variant:
         for seed, cfg in cfgs.items():
-            record_path = cfg.artifacts / "select_finetune" / name / f"{variant}.json"
+            record_path = records / name / f"{variant}-seed{seed}.json"
             rec = json.loads(record_path.read_text()) if record_path.is_file() else None
             if rec is not None and rec["overrides"] != overrides:
                 raise SystemExit(f"{record_path}: recorded with {rec['overrides']}, asked {overrides}: rename the variant")
-            if rec is None or "valid_ranks" not in rec:  # records of the one-seed version had no ranks: refit
-                rec = {"variant": variant, **_fit_variant(cfg, name, cfg.artifact_path("pretrained_model") /
-                                                          "model.safetensors", overrides)}
-                record_path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(record_path, rec)
+            if rec is not None and rec["config"]["path"] != _shown(Path(args.config)):
+                raise SystemExit(f"{record_path}: recorded from {rec['config']['path']}, asked {args.config}: "
+                                 "give another --records")
+            if rec is None:
+                started = time.time()
+                fit = _fit_variant(cfg, name, cfg.artifact_path("pretrained_model") / "model.safetensors", overrides)
+                rec = {"script": "benchmarks/select_finetune.py",
+                       "command": "python benchmarks/select_finetune.py " + " ".join(argv),
+                       **code_version(("mmrec", "benchmarks", "configs"), REPO),
+                       "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+                       "config": {"path": _shown(Path(args.config)),
+                                  "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest(),
+                                  "pretrained": _shown(cfg.artifact_path("pretrained_model"))},
+                       "domain": name, "variant": variant, "seed": seed, "metric_split": "valid", **fit}
+                write_json(record_path, rec)  # temp file + rename
             recs.setdefault(variant, {})[seed] = rec
             print(f"{variant} seed {seed} {' '.join(overrides)}: valid {args.metric} "
                   f"{100 * rec['valid'][args.metric]:.2f} (best step {rec['best_step']} of {rec['steps']}, "

@@ -2,6 +2,7 @@
 export, and the point of the project: pretraining on the source domains, then fine-tuning, beats
 the same model trained from scratch on the target under the same budget (fixed seed, margin)."""
 
+import hashlib
 import json
 
 import pytest
@@ -100,9 +101,10 @@ def test_item_features_artifact_is_identical_across_runs(pipeline):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, capsys, monkeypatch):
+def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, capsys, monkeypatch, tmp_path):
     """benchmarks/select_finetune.py: each variant fine-tuned from the pretrained model as the stage
-    does, its validation ranks kept, a paired gap to the first variant; finished records are read back."""
+    does, its validation ranks kept in a record naming its command, commit and config, a paired gap to
+    the first variant; finished records are read back."""
     import sys
 
     import numpy as np
@@ -113,16 +115,21 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
     import select_finetune
 
     cfg, _ = pipeline
-    args = ["--config", str(cfg.config_path), "--domain", "films", "--variant", "base", "finetune.epochs=3",
-            "--variant", "ids", "finetune.item_tower.item_ids=true", "finetune.epochs=3"]
+    seed = cfg.train("finetune").seed
+    records = tmp_path / "selection"
+    args = ["--config", str(cfg.config_path), "--domain", "films", "--records", str(records), "--variant", "base",
+            "finetune.epochs=3", "--variant", "ids", "finetune.item_tower.item_ids=true", "finetune.epochs=3"]
     assert select_finetune.main(args) == 0
     out = capsys.readouterr().out
     n_valid = json.loads((cfg.artifact_path("evaluation", "films") / "metrics.json").read_text())["models"]["finetuned"]["n_users"]
     for name in ("base", "ids"):
-        rec = json.loads((cfg.artifacts / "select_finetune" / "films" / f"{name}.json").read_text())
+        rec = json.loads((records / "films" / f"{name}-seed{seed}.json").read_text())
         assert len(rec["valid_ranks"]) == n_valid and rec["transfer"] == "whole"
         assert np.mean(per_user(np.asarray(rec["valid_ranks"]), "NDCG@10")) == pytest.approx(rec["valid"]["NDCG@10"])
-    assert json.loads((cfg.artifacts / "select_finetune" / "films" / "ids.json").read_text())["epochs_run"] <= 3
+        assert rec["variant"] == name and rec["seed"] == seed and rec["domain"] == "films"
+        assert rec["command"].startswith("python benchmarks/select_finetune.py --config") and "commit" in rec
+        assert rec["config"]["sha256"] == hashlib.sha256(cfg.config_path.read_bytes()).hexdigest()
+    assert json.loads((records / "films" / f"ids-seed{seed}.json").read_text())["epochs_run"] <= 3
     table = [line for line in out.splitlines() if line.startswith("| ids |")]
     assert len(table) == 1 and "[" in table[0].split("|")[-2]  # a gap with its interval
     # read back, never refitted; a changed override under the same name is refused
