@@ -3,8 +3,10 @@
 A recipe choice that changes pretraining too (an objective, a tower) cannot be probed by
 ``select_finetune.py`` (which fine-tunes from one pretrained model); its evidence is the finished
 runs of two ``python -m experiments`` cells. This reads each cell's record per seed, loads its
-fine-tuned model (the early-stopping best), ranks every user's *validation* target under the
-config's protocol and prints the per-seed valid metric, the means and the paired gap of each cell
+fine-tuned model's per-user *validation* ranks (``<record>.valid_ranks.parquet``, which
+``python -m experiments`` writes beside each record; for an older record without them it loads the
+fine-tuned model, the early-stopping best, from the artifacts and ranks every validation user under the
+config's protocol) and prints the per-seed valid metric, the means and the paired gap of each cell
 to the first one with a 95 % bootstrap interval over users (seeds averaged per user). It never
 reads the test split, so it may select::
 
@@ -31,50 +33,43 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # experiments/, when run as a script
 
 
-def finetuned_dir(record: dict, domain: str) -> Path:
-    """The fine-tuned model folder of ``record``'s run on ``domain`` (beside its evaluation folder)."""
-    metrics = Path(record["targets"][domain]["metrics_json"])
-    metrics = metrics if metrics.is_absolute() else REPO / metrics
-    return metrics.parent.parent.parent / "finetuned_model" / domain / "model"
+def recorded_valid_ranks(record: dict, domain: str | None, model: str = "finetuned"):
+    """The per-user validation ranks ``python -m experiments`` wrote beside the record (the fine-tuned
+    model on target ``domain``, or with ``domain`` None the pretrained model on the sources), or None
+    for a record made before records held them."""
+    import polars as pl
 
-
-def pretrained_dir(record: dict) -> Path:
-    """The pretrained model folder of ``record``'s run (beside its evaluation folder)."""
-    metrics = Path(next(iter(record["targets"].values()))["metrics_json"])
-    metrics = metrics if metrics.is_absolute() else REPO / metrics
-    return metrics.parent.parent.parent / "pretrained_model"
+    entry = (record.get("pretrained") or {}) if domain is None else record["targets"][domain]
+    if "valid_ranks" not in entry:
+        return None
+    path = Path(entry["valid_ranks"]["path"])
+    path = path if path.is_absolute() else REPO / path
+    if not path.is_file():
+        return None
+    df = pl.read_parquet(path)
+    return df[model].to_numpy() if model in df.columns else None
 
 
 def valid_ranks(record: dict, domain: str | None, threads: int = 1):
-    """Each validation user's rank of their validation target under the record's config: the fine-tuned
-    model on target ``domain``, or (``domain`` None) the pretrained model on the sources' validation."""
+    """Each validation user's rank of their validation target under the record's config, from the models
+    still in the artifacts folder its evaluation names (``experiments.run.validation_ranks``): the
+    fine-tuned model on target ``domain``, or (``domain`` None) the pretrained model on the sources."""
+    import dataclasses as dc
+
     import torch
 
-    from mmrec import stages
+    from experiments.run import PRETRAINED, validation_ranks
     from mmrec.config import load_config
-    from mmrec.experiment import evaluate_vectors
-    from mmrec.export import load_model
 
     torch.set_num_threads(threads)
     path = Path(record["config"]["path"])
-    cfg = load_config(path if path.is_absolute() else REPO / path)
-    ec = cfg.evaluation()
-    if domain is None:  # the pretrained model on the sources together, as pretrained_model validates it
-        from mmrec.data.sequences import concat_sequences
-        from mmrec.features import concat_contents
-
-        parts = [stages._domain_data(cfg, s.name) for s in cfg.sources]  # noqa: SLF001
-        data = concat_sequences([d for _, d in parts], concat_contents([c for c, _ in parts])[1])
-        m = load_model(pretrained_dir(record))
-    else:
-        _, data = stages._domain_data(cfg, domain)  # noqa: SLF001 (the stages' own data)
-        m = load_model(finetuned_dir(record, domain))
-    out: dict = {}
-    metrics = evaluate_vectors(lambda h: m.model.user_vectors(h, m.item_vectors), m.item_vectors, data, "valid",
-                               m.model.cfg.max_len, ec.ks, ec.batch_size, ec.history, out)
-    return metrics, out["ranks"]
+    metrics = Path(next(iter(record["targets"].values()))["metrics_json"])
+    root = (metrics if metrics.is_absolute() else REPO / metrics).parent.parent.parent
+    cfg = dc.replace(load_config(path if path.is_absolute() else REPO / path), artifacts=root)
+    return validation_ranks(cfg, domain)[PRETRAINED if domain is None else "finetuned"]
 
 
 def main(argv=None) -> int:
@@ -92,7 +87,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from mmrec.compare import compare_ranks
+    from mmrec.compare import compare_ranks, per_user
 
     if args.pretraining == bool(args.domain):
         raise SystemExit("give --domain (fine-tuned models) or --pretraining (pretrained models), one of them")
@@ -110,16 +105,20 @@ def main(argv=None) -> int:
             if not path.is_file():
                 raise SystemExit(f"{path}: no record (python -m experiments --cells {name} --seed {seed})")
             record = json.loads(path.read_text())
+            domain = None if args.pretraining else args.domain
             if args.pretraining:
                 if not record.get("pretrained"):
                     raise SystemExit(f"{path}: no pretrained model (a cell without a source)")
-                metrics, r = valid_ranks(record, None, args.threads)
                 stored = record["pretrained"].get("valid_metrics", {}).get(args.metric)
             else:
                 if args.domain not in record["targets"]:
                     raise SystemExit(f"{path}: no target {args.domain!r}; targets {sorted(record['targets'])}")
-                metrics, r = valid_ranks(record, args.domain, args.threads)
                 stored = record["targets"][args.domain]["models"]["finetuned"].get("valid", {}).get(args.metric)
+            r = recorded_valid_ranks(record, domain, "pretrained" if args.pretraining else "finetuned")
+            if r is None:  # a record without validation ranks: rank with its models, if the folder still has them
+                metrics, r = valid_ranks(record, domain, args.threads)
+            else:
+                metrics = {args.metric: float(np.mean(per_user(np.asarray(r), args.metric)))}
             if stored is not None and abs(stored - metrics[args.metric]) > 1e-6:
                 raise SystemExit(f"{path}: the model's valid {args.metric} {metrics[args.metric]:.6f} is not the "
                                  f"record's {stored:.6f}: the folder holds another run now")

@@ -1,8 +1,10 @@
 """Records -> ``docs/RESULTS.md`` and PNG figures (``docs/results/<name>/*.png``).
 
 Everything here is read from the records ``experiments.run`` wrote (``<records>/plan.json``,
-``<cell>-seed<N>.json``, ``<cell>-seed<N>.ranks.parquet``); every table names the record files it
-comes from and their commits. Paired intervals are ``mmrec.compare``'s: per-user metrics from the
+``<cell>-seed<N>.json``, ``<cell>-seed<N>.ranks.parquet``, the validation ranks
+``<cell>-seed<N>[.pretrained].valid_ranks.parquet``), from ``benchmarks/select_finetune.py``'s
+records and from the benchmark records; every table names the record files it comes from and their
+commits. Paired intervals are ``mmrec.compare``'s: per-user metrics from the
 ranks, averaged over the seeds both rows have, bootstrapped over users. Two rows are compared only
 when they rank the same test users (same target data).
 """
@@ -82,6 +84,22 @@ class Results:
 
         t = self.get(cell, seed)["targets"][domain]
         path = REPO / t["ranks"]["path"] if not os.path.isabs(t["ranks"]["path"]) else Path(t["ranks"]["path"])
+        if not path.is_file():
+            return None
+        df = pl.read_parquet(path)
+        return df[model].to_numpy() if model in df.columns else None
+
+    def valid_ranks(self, cell: str, seed: int, domain: str | None, model: str) -> np.ndarray | None:
+        """The model's per-user *validation* ranks recorded beside the record (``domain`` None: the
+        pretrained model on the sources' validation split), or None where the record has none."""
+        import polars as pl
+
+        rec = self.get(cell, seed)
+        entry = (rec.get("pretrained") or {}) if domain is None else rec["targets"].get(domain, {})
+        if "valid_ranks" not in entry:
+            return None
+        path = Path(entry["valid_ranks"]["path"])
+        path = path if path.is_absolute() else REPO / path
         if not path.is_file():
             return None
         df = pl.read_parquet(path)
@@ -563,6 +581,162 @@ def section_epoch_time(res: Results, out: list[str]) -> None:
             + "; ".join(lines) + ".", ""]
 
 
+# -- probes and recipe selection: validation only -------------------------------------------------
+
+def _valid_gap(ra: list[np.ndarray | None], rb: list[np.ndarray | None], seeds: list[int], metric: str = METRIC):
+    """Paired validation gap over the given seeds, or None where a seed lacks ranks or the users differ."""
+    from mmrec.compare import compare_ranks
+
+    if not seeds or any(r is None for r in ra + rb) or any(x.shape != y.shape for x, y in zip(ra, rb)):
+        return None
+    return compare_ranks(ra, rb, metric)
+
+
+def _seed_list(seeds: list[int]) -> str:
+    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds)) or "none"
+
+
+def _per_seed(vals: list[float]) -> str:
+    return " / ".join(f"{100 * v:.2f}" for v in vals) if vals else "-"
+
+
+def _mean(vals: list[float]) -> str:
+    return f"{100 * statistics.mean(vals):.2f}" if vals else "-"
+
+
+def _range(vals: list[float], digits: int = 0) -> str:
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+
+def section_probes(root: Path, out: list[str], cell: str = "transfer") -> None:
+    """Every probe folder ``<root>/<family>-<probe>/records`` (``configs/probes/``) against its family's
+    ``<family>-base`` folder: the pretrained models on the sources' validation split and the fine-tuned
+    models on each target's, per seed, the mean and the paired interval over validation users
+    (seeds averaged per user, over the seeds both folders have). Reads validation ranks only."""
+    folders = sorted(p.parent for p in Path(root).glob("*/records/plan.json"))
+    if not folders:
+        return
+    loaded = {f.parent.name: Results.load(f) for f in folders}
+    families: dict[str, list[str]] = {}
+    for name in loaded:
+        families.setdefault(name.split("-")[0], []).append(name)
+    out += ["## Probes (validation only)", "",
+            "A probe is a config in `configs/probes/` that changes one part of its base config, pretraining included, "
+            "run as the `transfer` cell (`python -m experiments --config configs/probes/<probe>.yaml --seed N --cells "
+            f"transfer --recbole off --records {_shown(Path(root))}/<probe>/records`). Each is compared with its "
+            "family's `<family>-base` probe: the base config as it is, trained with the probes' code, so a gap is not "
+            "a code difference. Everything in this section is read from the validation split: the per-user "
+            "validation ranks beside each record (`*.valid_ranks.parquet`, `*.pretrained.valid_ranks.parquet`); "
+            "values are NDCG@10 in %, gaps paired over validation users with seeds averaged per user (95 % "
+            "bootstrap, `*` where the interval excludes zero), over the seeds both rows have. A probe is adopted "
+            "into its base config only where the fine-tuned interval excludes zero in its favour. The test "
+            "metrics these runs also recorded are not shown and select nothing.", ""]
+    for family, names in sorted(families.items()):
+        ref_name = f"{family}-base"
+        if ref_name not in loaded:
+            out += [f"Probes {', '.join(names)}: no `{ref_name}` folder to compare with.", ""]
+            continue
+        ref = loaded[ref_name]
+        order = [ref_name] + sorted(n for n in names if n != ref_name)
+        out += [f"### `{family}-*` against `{ref_name}` (`{ref.plan['config']}`)", ""]
+        rows = []
+        for name in order:
+            res = loaded[name]
+            pre = res.pretrained(cell)
+            seeds = sorted(pre)
+            vals = [pre[s]["valid_metrics"][METRIC] for s in seeds]
+            epochs = [float(pre[s]["cost"]["epochs"]) for s in seeds if (pre[s].get("cost") or {}).get("epochs")]
+            gap = "reference"
+            if name != ref_name:
+                common = sorted(set(seeds) & set(ref.pretrained(cell)))
+                g = _valid_gap([res.valid_ranks(cell, s, None, "pretrained") for s in common],
+                               [ref.valid_ranks(cell, s, None, "pretrained") for s in common], common)
+                gap = f"{gap_text(g)} (seeds {_seed_list(common)})" if g is not None else "- (no validation ranks)"
+            rows.append([f"`{name}`", f"`{res.plan['config']}`", _seed_list(seeds), _range(epochs), _per_seed(vals),
+                         _mean(vals), gap])
+        out += [f"**Pretraining** on {', '.join(ref.plan['sources'])}: the best validation NDCG@10 of the pretrained "
+                "model on the sources' validation users (what pretraining early-stops on).", ""]
+        out += _table(["probe", "config", "seeds", "epochs trained", "per seed", "mean", f"minus `{ref_name}` [95 %]"], rows)
+        out += [""]
+        for domain in ref.plan["targets"]:
+            rows = []
+            for name in order:
+                res = loaded[name]
+                ft = res.model(cell, domain, "finetuned")
+                seeds = sorted(ft)
+                vals = [ft[s]["valid"][METRIC] for s in seeds]
+                minutes = [res.get(cell, s)["seconds"] / 60 for s in seeds if res.get(cell, s).get("seconds")]
+                gap = "reference"
+                if name != ref_name:
+                    common = sorted(set(seeds) & set(ref.model(cell, domain, "finetuned")))
+                    g = _valid_gap([res.valid_ranks(cell, s, domain, "finetuned") for s in common],
+                                   [ref.valid_ranks(cell, s, domain, "finetuned") for s in common], common)
+                    gap = f"{gap_text(g)} (seeds {_seed_list(common)})" if g is not None else "- (no validation ranks)"
+                rows.append([f"`{name}`", _seed_list(seeds), _per_seed(vals), _mean(vals), gap, _range(minutes)])
+            out += [f"**Fine-tuned on {domain}**: the validation NDCG@10 of the early-stopping best.", ""]
+            out += _table(["probe", "seeds", "per seed", "mean", f"minus `{ref_name}` [95 %]",
+                           "minutes per run"], rows)
+            out += ["", "Minutes per run: the record's wall time (pretraining, fine-tuning and evaluation) on the machine "
+                    "and load it ran under (several runs often shared the 2 cores), so only the epoch counts compare "
+                    "exactly. " + " ".join(f"`{n}`: {_trace(loaded[n], [cell])}" for n in order), ""]
+
+
+def section_selection(root: Path, out: list[str]) -> None:
+    """Every ``benchmarks/select_finetune.py`` record under ``<root>/<config>/<domain>/``: per variant its
+    validation NDCG@10 per seed, the mean and the paired interval over validation users against the
+    variant named ``base`` (else the first by name) over the seeds both have."""
+    import numpy as np
+
+    groups: dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]] = {}
+    paths: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(Path(root).glob("*/*/*-seed*.json")):
+        rec = json.loads(path.read_text())
+        key = (rec["config"]["path"], rec["domain"])
+        groups.setdefault(key, {}).setdefault(rec["variant"], {})[int(rec["seed"])] = rec
+        paths.setdefault(key, []).append(path)
+    if not groups:
+        return
+    out += ["## Fine-tuning recipe selection (validation only)", "",
+            "`benchmarks/select_finetune.py` fine-tunes each variant (a name and overrides of the model / finetune "
+            "sections) from the same pretrained model per seed, exactly as the `finetuned_model` stage does, and "
+            f"records its best validation metrics and per-user validation ranks (`{_shown(Path(root))}/<config>/"
+            "<domain>/<variant>-seed<N>.json`). Values: validation NDCG@10 in %; gap: paired over validation users, "
+            "seeds averaged per user, 95 % bootstrap, `*` where it excludes zero, over the seeds both variants have. "
+            "The test split is never read.", ""]
+    for (config, domain), variants in sorted(groups.items()):
+        ref_name = "base" if "base" in variants else sorted(variants)[0]
+        ref = variants[ref_name]
+        rows = []
+        for name in [ref_name] + sorted(v for v in variants if v != ref_name):
+            by_seed = variants[name]
+            seeds = sorted(by_seed)
+            vals = [by_seed[s]["valid"][METRIC] for s in seeds]
+            gap = "reference"
+            if name != ref_name:
+                common = sorted(set(seeds) & set(ref))
+                g = _valid_gap([np.asarray(by_seed[s]["valid_ranks"]) for s in common],
+                               [np.asarray(ref[s]["valid_ranks"]) for s in common], common)
+                gap = f"{gap_text(g)} (seeds {_seed_list(common)})" if g is not None else "-"
+            overrides = " ".join(next(iter(by_seed.values()))["overrides"]) or "-"
+            epochs = [float(by_seed[s]["epochs_run"]) for s in seeds if by_seed[s].get("epochs_run") is not None]
+            rows.append([f"`{name}`", f"`{_cell(overrides)}`" if overrides != "-" else "-", _seed_list(seeds),
+                         _range(epochs), _per_seed(vals), _mean(vals), gap])
+        recs = [r for v in variants.values() for r in v.values()]
+        commits = sorted({(r.get("commit") or "?")[:10] + ("+dirty" if r.get("dirty") else "") for r in recs})
+        commands = sorted({r.get("command", "?") for r in recs})
+        out += [f"### `{config}` on {domain}", ""]
+        out += _table(["variant", "overrides", "seeds", "epochs run", "per seed", "mean", f"minus `{ref_name}` [95 %]"],
+                      rows)
+        out += ["", f"Pretrained models: `{ref[min(ref)]['config'].get('pretrained', '?')}` (and its `-seed<N>` "
+                f"folders). Records: {len(recs)} in `{_shown(paths[(config, domain)][0].parent)}/`; commit(s) "
+                f"{', '.join(commits)}; command(s): " + "; ".join(f"`{c}`" for c in commands) + ".", ""]
+
+
 BENCH_SCRIPTS = {  # script -> the make target that runs it and the record it writes by default
     "benchmarks/bench.py": ("make bench", "bench.json"),
     "benchmarks/bench_serving.py": ("make bench-serve", "bench_serving-<sections>.json"),
@@ -668,9 +842,12 @@ def config_section(res: Results, docs: Path) -> tuple[list[str], list[Path]]:
     return out, made
 
 
-def write_report(docs: Path, record_dirs: list[Path], bench: Path | None = None) -> Path:
-    """Write ``docs/RESULTS.md`` (and the figures) from every record folder in ``record_dirs`` and
-    the benchmark records in ``bench`` (default ``docs/results/bench``)."""
+def write_report(docs: Path, record_dirs: list[Path], bench: Path | None = None, probes: Path | None = None,
+                 selection: Path | None = None) -> Path:
+    """Write ``docs/RESULTS.md`` (and the figures) from every record folder in ``record_dirs``, the
+    probe records in ``probes`` (default ``docs/results/probes``), the recipe-selection records in
+    ``selection`` (default ``docs/results/selection``) and the benchmark records in ``bench``
+    (default ``docs/results/bench``)."""
     docs = Path(docs)
     results = [Results.load(d) for d in record_dirs if (d / "plan.json").is_file()]
     results.sort(key=lambda r: (r.plan.get("quick", False), not r.records, r.name))
@@ -693,6 +870,8 @@ def write_report(docs: Path, record_dirs: list[Path], bench: Path | None = None)
         made += figs
     if not results:
         lines += ["No record yet: run `make experiments`.", ""]
+    section_probes(docs / "results" / "probes" if probes is None else Path(probes), lines)
+    section_selection(docs / "results" / "selection" if selection is None else Path(selection), lines)
     section_benchmarks(docs / "results" / "bench" if bench is None else Path(bench), lines)
     path = docs / "RESULTS.md"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,14 @@ runs in the folder of ``mmrec run --config <base> --seed N`` (``<artifacts>`` or
 the project's feature cache) and a seed ``mmrec run`` has trained is evaluated, not trained again
 (``Runner.adopts``).
 
-Records (``--records``, default ``docs/results/<name>/records``): ``<cell>-seed<N>.json`` and the
-test ranks ``<cell>-seed<N>.ranks.parquet`` beside it, plus ``plan.json`` (cells and seeds asked
-for, cells this config cannot have). ``<name>`` is the base config's file name (``-quick`` added
-with ``--quick``).
+Records (``--records``, default ``docs/results/<name>/records``): ``<cell>-seed<N>.json``, the
+test ranks ``<cell>-seed<N>.ranks.parquet`` beside it, the validation ranks of every trained model
+``<cell>-seed<N>.valid_ranks.parquet`` and of the pretrained model on the sources' validation split
+``<cell>-seed<N>.pretrained.valid_ranks.parquet`` (what a choice is made on: ``benchmarks/valid_gap.py``
+and RESULTS.md's probe section read them, never the test ranks), plus ``plan.json`` (cells and
+seeds asked for, cells this config cannot have). ``<name>`` is the base config's file name
+(``-quick`` added with ``--quick``). A target's files get ``-<domain>`` before the suffix when a
+config has several targets.
 """
 
 from __future__ import annotations
@@ -58,6 +62,127 @@ def git_commit() -> dict[str, Any]:
     from mmrec.tracking import code_version
 
     return code_version(("mmrec", "experiments", "configs"), REPO)
+
+
+# -- per-user validation ranks: what a choice between two records is made on ----------------------
+
+VALID_RANKS = ".valid_ranks.parquet"
+PRETRAINED = "pretrained"
+"""The column of the pretrained model's ranks on the sources' validation split."""
+
+
+def validation_ranks(cfg: PipelineConfig, domain: str | None = None) -> dict[str, tuple[dict[str, Any], Any]]:
+    """Each validation user's rank of their validation target under ``cfg``'s protocol, from the
+    finished models in ``cfg.artifacts``: on target ``domain`` the fine-tuned model (``finetuned``) and
+    every trained baseline beside it; with ``domain`` None the pretrained model (``pretrained``) on the
+    sources' validation split together, what ``pretrained_model`` early-stops on. Model name ->
+    (metrics, ``(U,)`` ranks). Reads the validation split only."""
+    import numpy as np
+
+    from mmrec.config import TRAINED_BASELINES
+    from mmrec.experiment import evaluate_vectors
+    from mmrec.export import load_model
+
+    ec = cfg.evaluation()
+    if domain is None:
+        from mmrec.data.sequences import concat_sequences
+        from mmrec.features import concat_contents
+
+        parts = [stages._domain_data(cfg, s.name) for s in cfg.sources]  # noqa: SLF001 (the stages' own data)
+        data = concat_sequences([d for _, d in parts], concat_contents([c for c, _ in parts])[1])
+        folders = {PRETRAINED: cfg.artifact_path("pretrained_model")}
+    else:
+        _, data = stages._domain_data(cfg, domain)  # noqa: SLF001
+        ft = cfg.artifact_path("finetuned_model", cfg.domain(domain).name)
+        folders = {"finetuned": ft / "model",
+                   **{n: ft / "baselines" / n for n in TRAINED_BASELINES if (ft / "baselines" / n).is_dir()}}
+    out: dict[str, tuple[dict[str, Any], Any]] = {}
+    for name, folder in folders.items():
+        m = load_model(folder)
+        got: dict[str, Any] = {}
+        metrics = evaluate_vectors(lambda h, m=m: m.model.user_vectors(h, m.item_vectors), m.item_vectors, data, "valid",
+                                   m.model.cfg.max_len, ec.ks, ec.batch_size, ec.history, got)
+        out[name] = (metrics, np.asarray(got["ranks"]))
+    return out
+
+
+def add_valid_ranks(record: dict[str, Any], cfg: PipelineConfig, stem: Path, metric: str = "NDCG@10") -> list[str]:
+    """Rank every validation user with the record's finished models (``validation_ranks``), check each
+    model's ``metric`` against the validation value the record holds (the early-stopping best), write
+    the ranks beside the record (``<stem>[-<domain>].valid_ranks.parquet``, and
+    ``<stem>.pretrained.valid_ranks.parquet`` for a pretrained model) and name them in ``record``
+    (``targets[d]["valid_ranks"]``, ``pretrained["valid_ranks"]``). A model whose ranks do not
+    reproduce the record's value (its folder holds another run now) is left out and named in the
+    returned list; nothing is written for a target or pretraining whose models all disagree."""
+    problems: list[str] = []
+
+    def write(path: Path, got: dict[str, tuple[dict[str, Any], Any]], stored: dict[str, float | None]) -> dict | None:
+        import polars as pl
+
+        kept = {}
+        for name, (metrics, ranks) in got.items():
+            want = stored.get(name)
+            if want is None or abs(want - metrics[metric]) > 1e-6:
+                problems.append(f"{path.name}: {name}: valid {metric} {metrics[metric]:.6f}, the record's "
+                                f"{'none' if want is None else f'{want:.6f}'}")
+                continue
+            kept[name] = ranks
+        if not kept:
+            return None
+        n = len(next(iter(kept.values())))
+        tmp = path.with_name("." + path.name + ".tmp")
+        pl.DataFrame({"user_idx": list(range(n)), **{k: v.tolist() for k, v in kept.items()}}).write_parquet(tmp)
+        tmp.replace(path)
+        return {"path": _rel(path), "sha256": _sha256(path), "models": sorted(kept), "metric_checked": metric}
+
+    several = len(record["targets"]) > 1
+    for domain, t in record["targets"].items():
+        got = validation_ranks(cfg, domain)
+        stored = {n: (m.get("valid") or {}).get(metric) for n, m in t["models"].items()}
+        entry = write(stem.with_name(stem.name + (f"-{domain}" if several else "") + VALID_RANKS), got, stored)
+        if entry is not None:
+            t["valid_ranks"] = entry
+    if record.get("pretrained"):
+        got = validation_ranks(cfg, None)
+        entry = write(stem.with_name(stem.name + "." + PRETRAINED + VALID_RANKS), got,
+                      {PRETRAINED: record["pretrained"]["valid_metrics"].get(metric)})
+        if entry is not None:
+            record["pretrained"]["valid_ranks"] = entry
+    return problems
+
+
+def backfill_valid_ranks(records: Path, log=print) -> list[Path]:
+    """``add_valid_ranks`` for every record in ``records`` that has none yet (made before records held
+    validation ranks), from the artifacts folder its evaluation names, while that still holds the
+    record's models; a record whose models are gone or replaced is left as it is and logged.
+    Returns the records updated (each rewritten whole: temp file + rename)."""
+    import dataclasses as dc
+
+    done = []
+    for path in sorted(records.glob("*-seed*.json")):
+        rec = json.loads(path.read_text())
+        need_pre = bool(rec.get("pretrained")) and "valid_ranks" not in rec["pretrained"]
+        if not need_pre and all("valid_ranks" in t for t in rec["targets"].values()):
+            continue
+        metrics = Path(next(iter(rec["targets"].values()))["metrics_json"])
+        root = (metrics if metrics.is_absolute() else REPO / metrics).parent.parent.parent
+        cfg_path = Path(rec["config"]["path"])
+        cfg_path = cfg_path if cfg_path.is_absolute() else REPO / cfg_path
+        if not cfg_path.is_file() or not root.is_dir():
+            log(f"[experiments] {path.name}: its config {cfg_path} or artifacts {root} are gone: no validation ranks")
+            continue
+        try:
+            problems = add_valid_ranks(rec, dc.replace(load_config(cfg_path), artifacts=root),
+                                       path.with_name(path.name[:-len(".json")]))
+        except FileNotFoundError as exc:
+            log(f"[experiments] {path.name}: {exc}: no validation ranks")
+            continue
+        for p in problems:
+            log(f"[experiments] {p}: left out (the folder holds another run now)")
+        write_json(path, rec)
+        log(f"[experiments] {path.name}: validation ranks added from {_rel(root)}")
+        done.append(path)
+    return done
 
 
 def recbole_available() -> bool:
@@ -447,6 +572,8 @@ class Runner:
             "started": started, "seconds": time.time() - started,
         }
         path = self.record_path(cell, seed)
+        for problem in add_valid_ranks(record, cfg, path.with_name(path.name[:-len(".json")])):
+            self.log(f"[experiments] {cell.name} seed {seed}: validation ranks: {problem}")
         write_json(path, record)  # temp file + rename: a record is whole or absent
         return path
 
@@ -572,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and target-fraction cells: auto = when .venv-recbole exists (never with --quick)")
     p.add_argument("--plan-only", action="store_true", help="write the plan (and the report) without running a cell")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from the records")
+    p.add_argument("--valid-ranks-only", action="store_true", help="add the per-user validation ranks to the records "
+                   "in --records that have none (made before records held them), from the artifacts each names while "
+                   "those still hold its models; then regenerate the report")
     return p
 
 
@@ -587,7 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     docs = Path(args.docs)
     records = Path(args.records) if args.records else docs / "results" / name / "records"
     status = 0
-    if not args.report_only:
+    if args.valid_ranks_only:
+        backfill_valid_ranks(records, log=lambda m: print(m, file=sys.stderr, flush=True))
+    elif not args.report_only:
         runner = Runner(Path(args.config), Path(args.out), records, quick=args.quick, threads=args.threads,
                         recbole=args.recbole, log=lambda m: print(m, file=sys.stderr, flush=True))
         seeds = args.seeds or [runner.cfg.train("finetune").seed]

@@ -14,6 +14,7 @@ from PIL import Image
 
 from experiments import cells as C
 from experiments.run import CostTracker, log_cost, main
+from mmrec.compare import compare_ranks, per_user
 from mmrec.config import load_config
 from tests.conftest import REPO
 
@@ -65,6 +66,19 @@ def test_every_planned_cell_has_a_traceable_record(quick):
             hits = (ranks[model].to_numpy() <= 10).mean()
             assert hits == pytest.approx(m["test"]["HR@10"])
         assert t["models"]["finetuned"]["valid"]["NDCG@10"] == metrics["valid"]["finetuned"]["NDCG@10"]
+        # the validation ranks of every trained model (what a choice is made on) reproduce the record's
+        # validation metrics: the fine-tuned model and baselines on the target, the pretrained one on the sources
+        vr = t["valid_ranks"]
+        assert hashlib.sha256(open(_abs(vr["path"]), "rb").read()).hexdigest() == vr["sha256"]
+        valid = pl.read_parquet(_abs(vr["path"]))
+        trained = {m for m, e in t["models"].items() if "run_dir" in e}
+        assert set(vr["models"]) == trained and set(valid.columns) == trained | {"user_idx"}
+        for model in trained:
+            assert np.mean(per_user(valid[model].to_numpy(), "NDCG@10")) == pytest.approx(
+                t["models"][model]["valid"]["NDCG@10"], abs=1e-9)
+        pre = pl.read_parquet(_abs(rec["pretrained"]["valid_ranks"]["path"]))["pretrained"].to_numpy()
+        assert np.mean(per_user(pre, "NDCG@10")) == pytest.approx(rec["pretrained"]["valid_metrics"]["NDCG@10"], abs=1e-9)
+        assert pre.size == rec["pretrained"]["valid_metrics"]["n_users"] != t["n_users"]
         # which code trained each run (a reused run can be older than the record's commit)
         trained = [rec["pretrained"]["trained_by"]] + [m["trained_by"] for m in t["models"].values() if "run_dir" in m]
         assert all(tb and len(tb[0]["commit"]) == 40 and tb[0]["from_step"] == 0 for tb in trained), name
@@ -191,7 +205,7 @@ def test_recipe_follows_the_sections_not_the_location(tmp_path):
     assert recipe(base, tmp_path / "a") != C.recipe(C.derive(base, cell, 1, tmp_path, tmp_path, False, None))  # seed
 
 
-def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monkeypatch):
+def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monkeypatch, tmp_path):
     """benchmarks/valid_gap.py: the fine-tuned model of each record ranks the validation users again
     (the record's valid metric, reproduced) and the paired gap is printed; a missing record is named."""
     import sys
@@ -227,7 +241,132 @@ def test_valid_gap_reads_each_cells_best_model_on_validation(quick, capsys, monk
     assert "pretrained models on the sources: valid NDCG@10" in out
     with pytest.raises(SystemExit, match="one of them"):
         valid_gap.main([*argv[:4], "--pretraining", *argv[4:]])
+    # a record made before records held validation ranks: its models, still in the artifacts, rank again
+    older = tmp_path / "older"
+    older.mkdir()
+    for cell in ("transfer", "objective-nid"):
+        rec = _record(records, cell)
+        rec["targets"]["films"].pop("valid_ranks")
+        rec["pretrained"].pop("valid_ranks")
+        (older / f"{cell}-seed0.json").write_text(json.dumps(rec))
+    for mode in (["--domain", "films"], ["--pretraining"]):
+        assert valid_gap.main(["--records", str(records), *mode, "--cell", "transfer", "--cell", "objective-nid",
+                               "--seed", "0"]) == 0
+        recorded = capsys.readouterr().out
+        assert valid_gap.main(["--records", str(older), *mode, "--cell", "transfer", "--cell", "objective-nid",
+                               "--seed", "0"]) == 0
+        assert capsys.readouterr().out == recorded  # the same ranks, so the same table
     sys.modules.pop("valid_gap", None)
+
+
+def test_valid_ranks_are_backfilled_from_the_artifacts_while_they_hold_the_records_models(quick, tmp_path, capsys):
+    """``--valid-ranks-only``: a record made before records held validation ranks gets them from the
+    artifacts its evaluation names; a model whose ranks do not reproduce the record's value is left out."""
+    import shutil
+
+    _, argv, records = quick
+    old = tmp_path / "records"
+    old.mkdir()
+    shutil.copy(records / "plan.json", old)
+    for cell in ("transfer", "objective-nid"):
+        rec = _record(records, cell)
+        rec["targets"]["films"].pop("valid_ranks")
+        rec["pretrained"].pop("valid_ranks")
+        if cell == "transfer":
+            rec["targets"]["films"]["models"]["finetuned"]["valid"]["NDCG@10"] += 0.01  # as if another run's
+        (old / f"{cell}-seed0.json").write_text(json.dumps(rec))
+    docs = tmp_path / "docs"
+    assert main([*argv[:-4], "--records", str(old), "--docs", str(docs), "--valid-ranks-only"]) == 0
+    err = capsys.readouterr().err
+    assert "transfer-seed0.valid_ranks.parquet: finetuned: valid NDCG@10" in err and "left out" in err
+    new = json.loads((old / "objective-nid-seed0.json").read_text())
+    want = _record(records, "objective-nid")
+    for got, ref in ((new["targets"]["films"]["valid_ranks"], want["targets"]["films"]["valid_ranks"]),
+                     (new["pretrained"]["valid_ranks"], want["pretrained"]["valid_ranks"])):
+        assert got["path"].startswith(str(old)) and got["sha256"] == ref["sha256"]  # the same ranks
+    transfer = json.loads((old / "transfer-seed0.json").read_text())
+    assert set(transfer["targets"]["films"]["valid_ranks"]["models"]) == {"scratch", "sasrec", "id_tower"}
+    assert "valid_ranks" in transfer["pretrained"]
+    mtime = (old / "transfer-seed0.json").stat().st_mtime_ns
+    assert main([*argv[:-4], "--records", str(old), "--docs", str(docs), "--valid-ranks-only"]) == 0
+    assert (old / "transfer-seed0.json").stat().st_mtime_ns == mtime  # nothing left to add: untouched
+
+
+def _probe_folder(records, root, name, cell):
+    """A probe folder ``root/name/records`` holding ``cell``'s seed-0 record of the quick run as its
+    transfer cell (its rank files stay where they are: the record names them by absolute path)."""
+    folder = root / name / "records"
+    folder.mkdir(parents=True)
+    plan = json.loads((records / "plan.json").read_text())
+    plan.update(name=name, config=f"configs/probes/{name}.yaml", stale=[],
+                cells=[{"name": "transfer", "group": "transfer", "label": "x", "value": 1.0, "seeds": [0]}])
+    (folder / "plan.json").write_text(json.dumps(plan))
+    rec = _record(records, cell)
+    rec["cell"] = "transfer"
+    (folder / "transfer-seed0.json").write_text(json.dumps(rec))
+    return rec
+
+
+def test_results_page_shows_probes_against_their_base_on_validation_only(quick, tmp_path):
+    from experiments.report import write_report
+
+    _, _, records = quick
+    probes = tmp_path / "probes"
+    base = _probe_folder(records, probes, "toy-base", "transfer")
+    probe = _probe_folder(records, probes, "toy-nid", "objective-nid")
+    _probe_folder(records, probes, "lone-moe", "objective-nid")  # a family without a base
+    text = write_report(tmp_path / "docs", [], probes=probes, selection=tmp_path / "none").read_text()
+    part = text.split("## Probes (validation only)")[1].split("\n## ")[0]
+    assert "### `toy-*` against `toy-base` (`configs/probes/toy-base.yaml`)" in part
+    assert "Probes lone-moe: no `lone-base` folder" in part
+
+    def valid(rec, domain):
+        entry = rec["pretrained"] if domain is None else rec["targets"][domain]
+        col = "pretrained" if domain is None else "finetuned"
+        return [pl.read_parquet(_abs(entry["valid_ranks"]["path"]))[col].to_numpy()]
+
+    for domain, stored in ((None, lambda r: r["pretrained"]["valid_metrics"]["NDCG@10"]),
+                           ("films", lambda r: r["targets"]["films"]["models"]["finetuned"]["valid"]["NDCG@10"])):
+        g = compare_ranks(valid(probe, domain), valid(base, domain))
+        gap = f"{100 * g.gap:+.2f} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]"
+        row = next(line for line in part.splitlines() if line.startswith("| `toy-nid` |") and gap in line
+                   and f"{100 * stored(probe):.2f}" in line)
+        assert "(seeds 0)" in row
+        assert any(line.startswith("| `toy-base` |") and f"{100 * stored(base):.2f}" in line and "reference" in line
+                   for line in part.splitlines())
+    assert "test" not in part.split("**Pretraining**")[1].replace("The test metrics these runs also recorded", "")
+    assert "toy-nid" in part and "transfer-seed0.json" in part
+
+
+def test_results_page_shows_recipe_selection_records(tmp_path):
+    """``benchmarks/select_finetune.py``'s records (in git): each variant's validation per seed, its mean
+    and the paired interval against ``base`` over the seeds both have."""
+    from experiments.report import write_report
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "selection" / "real" / "movielens_100k"
+    folder.mkdir(parents=True)
+    ranks = {}
+    for variant, overrides, shift, seeds in (("base", [], 0, (0, 1, 2)), ("ids", ["finetune.item_tower.item_ids=true"], -3, (0, 1))):
+        for seed in seeds:
+            r = np.maximum(1, rng.integers(1, 60, size=200) + shift)
+            ranks[variant, seed] = r
+            (folder / f"{variant}-seed{seed}.json").write_text(json.dumps({
+                "script": "benchmarks/select_finetune.py", "command": f"python benchmarks/select_finetune.py --seed {seed}",
+                "commit": "a" * 40, "dirty": False, "config": {"path": "configs/real.yaml", "sha256": "0" * 64,
+                                                              "pretrained": "artifacts/real/pretrained_model"},
+                "domain": "movielens_100k", "variant": variant, "seed": seed, "overrides": overrides, "epochs_run": 12.0,
+                "valid": {"NDCG@10": float(np.mean(per_user(r, "NDCG@10")))}, "valid_ranks": r.tolist()}))
+    text = write_report(tmp_path / "docs", [], probes=tmp_path / "none", selection=tmp_path / "selection").read_text()
+    part = text.split("## Fine-tuning recipe selection (validation only)")[1].split("\n## ")[0]
+    assert "### `configs/real.yaml` on movielens_100k" in part
+    g = compare_ranks([ranks["ids", 0], ranks["ids", 1]], [ranks["base", 0], ranks["base", 1]])
+    row = next(line for line in part.splitlines() if line.startswith("| `ids` |"))
+    assert f"{100 * g.gap:+.2f} [{100 * g.low:+.2f}, {100 * g.high:+.2f}]" in row and "(seeds 0, 1)" in row
+    assert " / ".join(f"{100 * np.mean(per_user(ranks['ids', s], 'NDCG@10')):.2f}" for s in (0, 1)) in row
+    base_row = next(line for line in part.splitlines() if line.startswith("| `base` |"))
+    assert "0-2" in base_row and "reference" in base_row
+    assert "commit(s) aaaaaaaaaa" in part and "5 in" in part
 
 
 def test_plan_without_demo_data_routes_its_own_catalog_by_modality():
