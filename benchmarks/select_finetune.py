@@ -13,7 +13,10 @@ split is read once by the ``evaluation`` of the run that uses it.
     .venv/bin/python benchmarks/select_finetune.py --config configs/real.yaml --domain movielens_100k \\
         --seed 0 --seed 1 --seed 2 --variant base --variant full_softmax model.objective.name=full_softmax
 
-One seed's validation gain is not evidence: on MovieLens-100K a +0.9 NDCG@10 win of seed 0 did not
+A variant whose encoders differ from the base config's (``model.text_encoder.trainable_layers=1``: the
+top MiniLM layer trained in fine-tuning, from the states below it) gets the target's item features built
+again for its config through the feature cache; the pretrained weights load unchanged (the exported
+model holds every encoder weight). One seed's validation gain is not evidence: on MovieLens-100K a +0.9 NDCG@10 win of seed 0 did not
 hold on seed 3 (configs/real.yaml). Overrides that change parameter shapes (dim, layers) cannot load
 the pretrained weights and fail. Records go to ``<records>/<domain>/<variant>-seed<N>.json`` (default
 ``--records docs/results/selection/<config name>``, kept in git: ``docs/RESULTS.md`` renders them
@@ -45,6 +48,11 @@ def _shown(path: Path) -> str:
     return os.path.relpath(path, REPO) if REPO in path.parents else str(path)
 
 
+def _feature_key(model_cfg) -> tuple:
+    """What a model's cached item features depend on: its encoders and the modalities its tower reads."""
+    return (model_cfg.text_encoder, model_cfg.image_encoder, tuple(model_cfg.item_tower.modalities))
+
+
 def _apply(sections: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(sections)
     for o in overrides:
@@ -71,8 +79,19 @@ def _fit_variant(cfg, name: str, pretrained: Path, overrides: list[str]) -> dict
     from select_sasrec import timed_fit  # this folder is on sys.path when run as a script
 
     content, data = stages._domain_data(cfg, name)  # noqa: SLF001
+    built_with = cfg.model()  # the model config the item_features artifact was built with
     cfg = dc.replace(cfg, sections=_apply(cfg.sections, overrides))
     mcfg, part, _ = stages._variants(cfg)["model"]  # noqa: SLF001 (the stage's own recipe)
+    if _feature_key(mcfg) != _feature_key(built_with):
+        # the variant's encoders read other frozen features (a trainable top text layer reads the states
+        # below it): the target's features again for its config, through the feature cache
+        from mmrec.data.catalog import Catalog
+        from mmrec.features import build_item_features
+
+        fc = cfg.features()
+        catalog = Catalog.read(cfg.artifact_path("validated_catalog", name) / "catalog")
+        content, _ = build_item_features(catalog, mcfg, cfg.resolve(fc.cache_dir), fc.text_batch_size,
+                                         fc.image_batch_size, fc.num_workers, progress=False)
     tc = dc.replace(cfg.train("finetune"), progress=False)
     torch.manual_seed(tc.seed)
     model = Recommender(mcfg, n_items=content.n_items)
@@ -112,6 +131,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     base = load_config(args.config)
     records = args.records or REPO / "docs" / "results" / "selection" / Path(args.config).stem
+    code = code_version(("mmrec", "benchmarks", "configs"), REPO)  # the code this process runs: taken at its start
     name = base.domain(args.domain).name
     seeds = args.seeds or [base.train("finetune").seed]
     if len(set(seeds)) != len(seeds):
@@ -139,7 +159,7 @@ def main(argv=None) -> int:
                 fit = _fit_variant(cfg, name, cfg.artifact_path("pretrained_model") / "model.safetensors", overrides)
                 rec = {"script": "benchmarks/select_finetune.py",
                        "command": "python benchmarks/select_finetune.py " + " ".join(argv),
-                       **code_version(("mmrec", "benchmarks", "configs"), REPO),
+                       **code,
                        "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
                        "config": {"path": _shown(Path(args.config)),
                                   "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest(),

@@ -139,3 +139,30 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
         select_finetune.main(args[:-1] + ["finetune.epochs=4"])
     with pytest.raises(SystemExit, match="--seed 5"):  # no pretrained model for that seed
         select_finetune.main(args + ["--seed", "5"])
+
+
+def test_select_finetune_rebuilds_item_features_for_a_variant_with_other_encoders(pipeline, monkeypatch, tmp_path):
+    """A variant that trains the top text layer in fine-tuning reads the states below it: the target's
+    features are built again for its config (not the artifact's final states), and the pretrained
+    weights load unchanged."""
+    import sys
+
+    import mmrec.features
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import select_finetune
+
+    cfg, _ = pipeline
+    built = []
+    real = mmrec.features.build_item_features
+    monkeypatch.setattr(mmrec.features, "build_item_features",
+                        lambda catalog, model_cfg, *a, **k: built.append(model_cfg) or real(catalog, model_cfg, *a, **k))
+    records = tmp_path / "selection"
+    args = ["--config", str(cfg.config_path), "--domain", "films", "--records", str(records),
+            "--variant", "base", "finetune.epochs=2", "--variant", "top1", "model.text_encoder.trainable_layers=1",
+            "finetune.epochs=2"]
+    assert select_finetune.main(args) == 0
+    assert [m.text_encoder.trainable_layers for m in built] == [1]  # the base variant reads the artifact
+    rec = json.loads((records / "films" / f"top1-seed{cfg.train('finetune').seed}.json").read_text())
+    assert rec["overrides"] == ["model.text_encoder.trainable_layers=1", "finetune.epochs=2"] and rec["steps"] > 0
+    assert 0 < rec["valid"]["NDCG@10"] <= 1
