@@ -256,7 +256,7 @@ def _trace(res: Results, cells: list[str]) -> str:
         return ""
     commits = sorted({(res.records[(c, s)].get("commit") or "?")[:10] + ("+dirty" if res.records[(c, s)].get("dirty") else "")
                       for c in cells for s in res.seeds(c)})
-    shown = ", ".join(f"`{os.path.relpath(p, REPO) if REPO in p.parents else p.name}`" for p in paths[:8])
+    shown = ", ".join(f"`{p.name}`" for p in paths[:8])  # the section names their folder
     more = f" and {len(paths) - 8} more" if len(paths) > 8 else ""
     return f"Records: {shown}{more}; commit(s) {', '.join(commits)}{_trained_by(res, cells)}."
 
@@ -858,7 +858,8 @@ def write_report(docs: Path, record_dirs: list[Path], bench: Path | None = None,
         "seed through the library stages (`mmrec/stages.py`) in its own artifacts folder; the `transfer` cell is the "
         "base config as it is and runs in the artifacts folder of `mmrec run --config <base> --seed N` (a seed "
         "`mmrec run` already trained is evaluated from its finished checkpoints, not trained again). A record holds the test "
-        "and validation metrics, the per-user test ranks (a parquet file beside it), the training cost, the commit "
+        "and validation metrics, the per-user test ranks and every trained model's per-user validation ranks (parquet "
+        "files beside it), the training cost, the commit "
         "and the config's sha256. All metrics: full ranking over every item, the masked protocol (every history "
         "item out of the ranking), leave-one-out test split; the test split selects nothing (early stopping and "
         f"the gate read validation). Groups: {', '.join(GROUPS)}.", "",

@@ -620,3 +620,38 @@ def test_a_modality_cell_is_not_applicable_where_no_target_item_has_it(tmp_path)
     assert sum(line.startswith("- `") and "not applicable" in line for line in out) == 5
     assert main(argv) == 0  # a rerun reads the data again and finds the same; the record is kept
     assert json.loads((records / "plan.json").read_text())["skipped"] == plan["skipped"]
+
+
+def test_committed_results_md_is_what_the_committed_records_make(tmp_path):
+    """docs/RESULTS.md is generated, never edited: regenerated from the records in git (experiment cells,
+    probes, recipe selection, benchmarks) it is the same text, so every figure in it traces to a record."""
+    from experiments.report import write_report
+
+    results = REPO / "docs" / "results"
+    dirs = sorted(p.parent for p in results.glob("*/records/plan.json"))
+    made = write_report(tmp_path / "docs", dirs, bench=results / "bench", probes=results / "probes",
+                        selection=results / "selection")
+    assert made.read_text() == (REPO / "docs" / "RESULTS.md").read_text(), (
+        "docs/RESULTS.md is not what the committed records make: `python -m experiments --report-only`")
+
+
+def test_readme_quotes_only_figures_of_results_md():
+    """The README copies its measured figures from docs/RESULTS.md (issue: experiments): every decimal figure
+    in its prose and tables occurs in RESULTS.md, commands' and config values' arguments aside (code blocks and
+    inline code) and the few numbers that are not measurements (named below)."""
+    import re
+
+    not_measured = {"3.11": "the Python version", "2.13": "RecBole's torch version",
+                    "96.3": "the share of MovieLens films with a poster (the data table, from validated_catalog)"}
+    readme = (REPO / "README.md").read_text().split("\n")
+    results = (REPO / "docs" / "RESULTS.md").read_text()
+    prose, code = [], False
+    for line in readme:
+        if line.startswith("```"):
+            code = not code
+        elif not code:
+            prose.append(line)
+    text = re.sub(r"`[^`]*`", "", "\n".join(prose))  # commands and config keys quoted inline (may wrap)
+    missing = [x for x in re.findall(r"(?<![\w.])[+-]?(\d+\.\d+)(?![\w.])", text)
+               if x not in results and x not in not_measured]
+    assert not missing, missing
