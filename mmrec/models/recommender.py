@@ -238,6 +238,7 @@ class Recommender(nn.Module):
         """Use ``content`` for item vectors and the item popularity of ``train_seqs`` (any shape,
         0 = padding) for the debiased softmax. Content, popularity and the generator of negatives
         and corruption go to the model's device: move the model first (``model.to(device)``)."""
+        self._check_features(content)
         device = self.log_pop.device
         self.content = content.to(device)
         if train_seqs is not None:
@@ -246,6 +247,23 @@ class Recommender(nn.Module):
             self.log_pop = torch.zeros(content.n_items + 1, device=device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         return self
+
+    def _check_features(self, content: ItemContent) -> None:
+        """Cached features must be the output of this model's frozen encoder bottoms: features of
+        another model or frozen depth (a config whose ``trainable_layers`` changed after
+        ``item_features`` ran) would go through the trained layers without any error."""
+        for modality in ("text", "image"):
+            built = content.fingerprints.get(modality)
+            path = getattr(self.item_tower, modality, None)
+            encoder = getattr(path, "encoder", None)
+            if built is None or encoder is None or getattr(content, modality) is None:
+                continue
+            own = encoder.fingerprint()
+            if own != built:
+                raise ValueError(
+                    f"the item content's {modality} features were built by an encoder with fingerprint {built}, "
+                    f"but this model's {modality} encoder has {own} (another model, frozen depth or max_length): "
+                    "build item_features with this model's config")
 
     def _content(self) -> ItemContent:
         if self.content is None:

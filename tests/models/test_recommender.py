@@ -89,3 +89,25 @@ def test_training_without_content_says_what_to_do():
     model = Recommender(config("id"), n_items=N)
     with pytest.raises(RuntimeError, match="attach"):
         model.training_loss({"seq": SEQ})
+
+
+def test_attach_refuses_cached_features_of_another_frozen_depth():
+    """Cached text features are the output of the frozen bottom: a model whose encoder freezes another
+    depth (a config changed after item_features ran) must not run them through its trained layers."""
+    import dataclasses
+
+    from mmrec.encoders.text import TextEncoder
+    from mmrec.models.towers import ItemContent
+
+    frozen = dataclasses.replace(TEXT, trainable_layers=0)
+    encoder = TextEncoder(frozen)
+    tok = encoder.tokenize(["", *[f"a film about {w}" for w in ("cats", "dogs", "ships", "trains", "rain")]])
+    content = ItemContent(5, torch.tensor([False] + [True] * 5), torch.zeros(6, dtype=torch.bool),
+                          text={"hidden": encoder.bottom(tok["input_ids"], tok["attention_mask"]),
+                                "mask": tok["attention_mask"].bool()},
+                          fingerprints={"text": encoder.fingerprint()})
+    cfg = ModelConfig.from_dict({**config("text").to_dict(), "text_encoder": frozen.__dict__, "image_encoder": None})
+    Recommender(cfg, n_items=5).attach(content)  # its own features: fine
+    top1 = ModelConfig.from_dict({**cfg.to_dict(), "text_encoder": TEXT.__dict__})  # the top layer trained
+    with pytest.raises(ValueError, match="text features were built by an encoder with fingerprint .* build item_features"):
+        Recommender(top1, n_items=5).attach(content)
