@@ -724,14 +724,16 @@ def section_selection(root: Path, out: list[str]) -> None:
                 gap = f"{gap_text(g)} (seeds {_seed_list(common)})" if g is not None else "-"
             overrides = " ".join(next(iter(by_seed.values()))["overrides"]) or "-"
             epochs = [float(by_seed[s]["epochs_run"]) for s in seeds if by_seed[s].get("epochs_run") is not None]
+            spe = [float(by_seed[s]["seconds_per_epoch_incl_validation"]) for s in seeds
+                   if by_seed[s].get("seconds_per_epoch_incl_validation") is not None]
             rows.append([f"`{name}`", f"`{_cell(overrides)}`" if overrides != "-" else "-", _seed_list(seeds),
-                         _range(epochs), _per_seed(vals), _mean(vals), gap])
+                         _range(epochs), _range(spe), _per_seed(vals), _mean(vals), gap])
         recs = [r for v in variants.values() for r in v.values()]
         commits = sorted({(r.get("commit") or "?")[:10] + ("+dirty" if r.get("dirty") else "") for r in recs})
         commands = sorted({r.get("command", "?") for r in recs})
         out += [f"### `{config}` on {domain}", ""]
-        out += _table(["variant", "overrides", "seeds", "epochs run", "per seed", "mean", f"minus `{ref_name}` [95 %]"],
-                      rows)
+        out += _table(["variant", "overrides", "seeds", "epochs run", "s/epoch incl. validation (shared machine)",
+                       "per seed", "mean", f"minus `{ref_name}` [95 %]"], rows)
         out += ["", f"Pretrained models: `{ref[min(ref)]['config'].get('pretrained', '?')}` (and its `-seed<N>` "
                 f"folders). Records: {len(recs)} in `{_shown(paths[(config, domain)][0].parent)}/`; commit(s) "
                 f"{', '.join(commits)}; command(s): " + "; ".join(f"`{c}`" for c in commands) + ".", ""]
