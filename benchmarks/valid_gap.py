@@ -36,23 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/, when run as a script
 
 
-def recorded_valid_ranks(record: dict, domain: str | None, model: str = "finetuned"):
-    """The per-user validation ranks ``python -m experiments`` wrote beside the record (the fine-tuned
-    model on target ``domain``, or with ``domain`` None the pretrained model on the sources), or None
-    for a record made before records held them."""
-    import polars as pl
-
-    entry = (record.get("pretrained") or {}) if domain is None else record["targets"][domain]
-    if "valid_ranks" not in entry:
-        return None
-    path = Path(entry["valid_ranks"]["path"])
-    path = path if path.is_absolute() else REPO / path
-    if not path.is_file():
-        return None
-    df = pl.read_parquet(path)
-    return df[model].to_numpy() if model in df.columns else None
-
-
 def valid_ranks(record: dict, domain: str | None, threads: int = 1):
     """Each validation user's rank of their validation target under the record's config, from the models
     still in the artifacts folder its evaluation names (``experiments.run.validation_ranks``): the
@@ -87,6 +70,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
+    from experiments.report import recorded_valid_ranks
     from mmrec.compare import compare_ranks, per_user
 
     if args.pretraining == bool(args.domain):

@@ -32,6 +32,23 @@ MODEL_LABEL = {
 METRIC = "NDCG@10"
 
 
+def recorded_valid_ranks(record: dict[str, Any], domain: str | None, model: str) -> np.ndarray | None:
+    """``model``'s per-user *validation* ranks written beside ``record`` (``experiments.run.add_valid_ranks``):
+    on target ``domain``, or with ``domain`` None the pretrained model on the sources' validation split;
+    None where the record has none (made before records held them) or the file is gone."""
+    import polars as pl
+
+    entry = (record.get("pretrained") or {}) if domain is None else record["targets"].get(domain, {})
+    if "valid_ranks" not in entry:
+        return None
+    path = Path(entry["valid_ranks"]["path"])
+    path = path if path.is_absolute() else REPO / path
+    if not path.is_file():
+        return None
+    df = pl.read_parquet(path)
+    return df[model].to_numpy() if model in df.columns else None
+
+
 @dataclass
 class Results:
     """One base config's plan and records."""
@@ -90,20 +107,8 @@ class Results:
         return df[model].to_numpy() if model in df.columns else None
 
     def valid_ranks(self, cell: str, seed: int, domain: str | None, model: str) -> np.ndarray | None:
-        """The model's per-user *validation* ranks recorded beside the record (``domain`` None: the
-        pretrained model on the sources' validation split), or None where the record has none."""
-        import polars as pl
-
-        rec = self.get(cell, seed)
-        entry = (rec.get("pretrained") or {}) if domain is None else rec["targets"].get(domain, {})
-        if "valid_ranks" not in entry:
-            return None
-        path = Path(entry["valid_ranks"]["path"])
-        path = path if path.is_absolute() else REPO / path
-        if not path.is_file():
-            return None
-        df = pl.read_parquet(path)
-        return df[model].to_numpy() if model in df.columns else None
+        """The model's per-user *validation* ranks recorded beside the record (``recorded_valid_ranks``)."""
+        return recorded_valid_ranks(self.get(cell, seed), domain, model)
 
     def gap(self, a: tuple[str, str], b: tuple[str, str], domain: str, metric: str = METRIC):
         """Paired gap of (cell, model) ``a`` minus ``b`` over the seeds both have, or None."""
