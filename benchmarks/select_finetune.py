@@ -21,7 +21,10 @@ hold on seed 3 (configs/real.yaml). Overrides that change parameter shapes (dim,
 the pretrained weights and fail. Records go to ``<records>/<domain>/<variant>-seed<N>.json`` (default
 ``--records docs/results/selection/<config name>``, kept in git: ``docs/RESULTS.md`` renders them
 under "Fine-tuning recipe selection") with the command, commit, config digest and the per-user
-validation ranks; a finished one is read back, never refitted.
+validation ranks; a finished one is read back, never refitted. A record also names the digest of the
+pretrained model it was fine-tuned from: pretraining made again (another feature cache, another machine:
+float rounding alone moves a run) gives another model, and a record of the old one is refused rather
+than paired with variants fitted from the new one (give another ``--records`` folder for the new set).
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def _shown(path: Path) -> str:
 def _feature_key(model_cfg) -> tuple:
     """What a model's cached item features depend on: its encoders and the modalities its tower reads."""
     return (model_cfg.text_encoder, model_cfg.image_encoder, tuple(model_cfg.item_tower.modalities))
+
+
+def _pretrained_digest(folder: Path) -> str:
+    """sha256 of a pretrained model's weights and config (what a fine-tuned variant starts from)."""
+    h = hashlib.sha256()
+    for part in ("model.json", "model.safetensors"):
+        h.update((Path(folder) / part).read_bytes())
+    return h.hexdigest()
 
 
 def _apply(sections: dict, overrides: list[str]) -> dict:
@@ -144,11 +155,19 @@ def main(argv=None) -> int:
         if not (cfg.artifact_path("pretrained_model") / "model.safetensors").is_file():
             raise SystemExit(f"seed {s}: {cfg.artifact_path('pretrained_model')}: run `mmrec run --config "
                              f"{args.config} --seed {s}` (or its pretrained_model stage) first")
+    digests = {s: _pretrained_digest(cfg.artifact_path("pretrained_model")) for s, cfg in cfgs.items()}
     recs: dict[str, dict[int, dict]] = {}
     for variant, *overrides in args.variant:
         for seed, cfg in cfgs.items():
             record_path = records / name / f"{variant}-seed{seed}.json"
             rec = json.loads(record_path.read_text()) if record_path.is_file() else None
+            if rec is not None and rec["config"].get("pretrained_sha256") != digests[seed]:
+                was = rec["config"].get("pretrained_sha256")
+                raise SystemExit(
+                    f"{record_path}: fine-tuned from another pretrained model (recorded "
+                    f"{was[:12] if was else 'no digest'}, {_shown(cfg.artifact_path('pretrained_model'))} is now "
+                    f"{digests[seed][:12]}): its validation ranks do not pair with a variant fitted now; give another "
+                    "--records folder for this set of pretrained models")
             if rec is not None and rec["overrides"] != overrides:
                 raise SystemExit(f"{record_path}: recorded with {rec['overrides']}, asked {overrides}: rename the variant")
             if rec is not None and rec["config"]["path"] != _shown(Path(args.config)):
@@ -163,7 +182,8 @@ def main(argv=None) -> int:
                        "time_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
                        "config": {"path": _shown(Path(args.config)),
                                   "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest(),
-                                  "pretrained": _shown(cfg.artifact_path("pretrained_model"))},
+                                  "pretrained": _shown(cfg.artifact_path("pretrained_model")),
+                                  "pretrained_sha256": digests[seed]},
                        "domain": name, "variant": variant, "seed": seed, "metric_split": "valid", **fit}
                 write_json(record_path, rec)  # temp file + rename
             recs.setdefault(variant, {})[seed] = rec

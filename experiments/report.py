@@ -697,11 +697,11 @@ def section_selection(root: Path, out: list[str]) -> None:
     variant named ``base`` (else the first by name) over the seeds both have."""
     import numpy as np
 
-    groups: dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]] = {}
-    paths: dict[tuple[str, str], list[Path]] = {}
+    groups: dict[tuple[str, str, str], dict[str, dict[int, dict[str, Any]]]] = {}
+    paths: dict[tuple[str, str, str], list[Path]] = {}
     for path in sorted(Path(root).glob("*/*/*-seed*.json")):
         rec = json.loads(path.read_text())
-        key = (rec["config"]["path"], rec["domain"])
+        key = (rec["config"]["path"], rec["domain"], path.parent.parent.name)  # a folder: one set of pretrained models
         groups.setdefault(key, {}).setdefault(rec["variant"], {})[int(rec["seed"])] = rec
         paths.setdefault(key, []).append(path)
     if not groups:
@@ -711,9 +711,10 @@ def section_selection(root: Path, out: list[str]) -> None:
             "sections) from the same pretrained model per seed, exactly as the `finetuned_model` stage does, and "
             f"records its best validation metrics and per-user validation ranks (`{_shown(Path(root))}/<config>/"
             "<domain>/<variant>-seed<N>.json`). Values: validation NDCG@10 in %; gap: paired over validation users, "
-            "seeds averaged per user, 95 % bootstrap, `*` where it excludes zero, over the seeds both variants have. "
-            "The test split is never read.", ""]
-    for (config, domain), variants in sorted(groups.items()):
+            "seeds averaged per user, 95 % bootstrap, `*` where it excludes zero, over the seeds both variants have "
+            "fine-tuned from the same pretrained model (the records' `pretrained_sha256`; pretraining made again "
+            "gives another model, whose variants go to another folder and table). The test split is never read.", ""]
+    for (config, domain, folder), variants in sorted(groups.items()):
         ref_name = "base" if "base" in variants else sorted(variants)[0]
         ref = variants[ref_name]
         rows = []
@@ -723,7 +724,8 @@ def section_selection(root: Path, out: list[str]) -> None:
             vals = [by_seed[s]["valid"][METRIC] for s in seeds]
             gap = "reference"
             if name != ref_name:
-                common = sorted(set(seeds) & set(ref))
+                common = sorted(s for s in set(seeds) & set(ref) if by_seed[s]["config"].get("pretrained_sha256")
+                                == ref[s]["config"].get("pretrained_sha256"))
                 g = _valid_gap([np.asarray(by_seed[s]["valid_ranks"]) for s in common],
                                [np.asarray(ref[s]["valid_ranks"]) for s in common], common)
                 gap = f"{gap_text(g)} (seeds {_seed_list(common)})" if g is not None else "-"
@@ -736,11 +738,11 @@ def section_selection(root: Path, out: list[str]) -> None:
         recs = [r for v in variants.values() for r in v.values()]
         commits = sorted({(r.get("commit") or "?")[:10] + ("+dirty" if r.get("dirty") else "") for r in recs})
         commands = sorted({r.get("command", "?") for r in recs})
-        out += [f"### `{config}` on {domain}", ""]
+        out += [f"### `{config}` on {domain}" + (f" (`{folder}/`)" if folder != Path(config).stem else ""), ""]
         out += _table(["variant", "overrides", "seeds", "epochs run", "s/epoch incl. validation (shared machine)",
                        "per seed", "mean", f"minus `{ref_name}` [95 %]"], rows)
         out += ["", f"Pretrained models: `{ref[min(ref)]['config'].get('pretrained', '?')}` (and its `-seed<N>` "
-                f"folders). Records: {len(recs)} in `{_shown(paths[(config, domain)][0].parent)}/`; commit(s) "
+                f"folders). Records: {len(recs)} in `{_shown(paths[(config, domain, folder)][0].parent)}/`; commit(s) "
                 f"{', '.join(commits)}; command(s): " + "; ".join(f"`{c}`" for c in commands) + ".", ""]
 
 

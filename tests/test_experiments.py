@@ -369,6 +369,39 @@ def test_results_page_shows_recipe_selection_records(tmp_path):
     assert "commit(s) aaaaaaaaaa" in part and "5 in" in part
 
 
+def test_results_page_pairs_selection_records_only_from_one_pretrained_model(tmp_path):
+    """Records fine-tuned from another pretrained model of the same seed (pretraining made again) are
+    not paired: a seed whose two variants name different ``pretrained_sha256`` is left out of the gap,
+    and a second folder for the same config is its own table, headed by the folder."""
+    from experiments.report import write_report
+
+    rng = np.random.default_rng(1)
+    ranks = {}
+    for folder_name, digests in (("real", {("base", 0): "a", ("ids", 0): "a", ("base", 1): "a", ("ids", 1): "b"}),
+                                 ("real-2", {("base", 0): "c", ("ids", 0): "c"})):
+        folder = tmp_path / "selection" / folder_name / "movielens_100k"
+        folder.mkdir(parents=True)
+        for (variant, seed), digest in digests.items():
+            r = np.maximum(1, rng.integers(1, 60, size=150) - (2 if variant == "ids" else 0))
+            ranks[folder_name, variant, seed] = r
+            (folder / f"{variant}-seed{seed}.json").write_text(json.dumps({
+                "script": "benchmarks/select_finetune.py", "command": "python benchmarks/select_finetune.py",
+                "commit": "a" * 40, "dirty": False,
+                "config": {"path": "configs/real.yaml", "sha256": "0" * 64, "pretrained": "artifacts/real/pretrained_model",
+                           "pretrained_sha256": digest * 64},
+                "domain": "movielens_100k", "variant": variant, "seed": seed,
+                "overrides": [] if variant == "base" else ["finetune.item_tower.item_ids=true"],
+                "valid": {"NDCG@10": float(np.mean(per_user(r, "NDCG@10")))}, "valid_ranks": r.tolist()}))
+    text = write_report(tmp_path / "docs", [], probes=tmp_path / "none", selection=tmp_path / "selection").read_text()
+    part = text.split("## Fine-tuning recipe selection (validation only)")[1].split("\n## ")[0]
+    first, second = part.split("### `configs/real.yaml` on movielens_100k")[1:]
+    assert first.startswith("\n") and second.startswith(" (`real-2/`)")
+    for table, folder_name in ((first, "real"), (second, "real-2")):
+        g = compare_ranks([ranks[folder_name, "ids", 0]], [ranks[folder_name, "base", 0]])
+        row = next(line for line in table.splitlines() if line.startswith("| `ids` |"))
+        assert f"{100 * g.gap:+.2f} [{100 * g.low:+.2f}, {100 * g.high:+.2f}] (seeds 0)" in row
+
+
 def test_plan_without_demo_data_routes_its_own_catalog_by_modality():
     """Without a demo section the MoM cells run on the config's own data: an item with an image through
     the image encoder, one without through the text encoder; applicable only where a target has items

@@ -129,6 +129,9 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
         assert rec["variant"] == name and rec["seed"] == seed and rec["domain"] == "films"
         assert rec["command"].startswith("python benchmarks/select_finetune.py --config") and "commit" in rec
         assert rec["config"]["sha256"] == hashlib.sha256(cfg.config_path.read_bytes()).hexdigest()
+        pretrained = cfg.artifact_path("pretrained_model")
+        assert rec["config"]["pretrained_sha256"] == hashlib.sha256(
+            (pretrained / "model.json").read_bytes() + (pretrained / "model.safetensors").read_bytes()).hexdigest()
     assert json.loads((records / "films" / f"ids-seed{seed}.json").read_text())["epochs_run"] <= 3
     table = [line for line in out.splitlines() if line.startswith("| ids |")]
     assert len(table) == 1 and "[" in table[0].split("|")[-2]  # a gap with its interval
@@ -139,6 +142,10 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
         select_finetune.main(args[:-1] + ["finetune.epochs=4"])
     with pytest.raises(SystemExit, match="--seed 5"):  # no pretrained model for that seed
         select_finetune.main(args + ["--seed", "5"])
+    # pretraining made again gives another model: its old records are refused, not paired with new fits
+    monkeypatch.setattr(select_finetune, "_pretrained_digest", lambda folder: "f" * 64)
+    with pytest.raises(SystemExit, match="another pretrained model.*ffffffffffff"):
+        select_finetune.main(args)
 
 
 def test_select_finetune_rebuilds_item_features_for_a_variant_with_other_encoders(pipeline, monkeypatch, tmp_path):
