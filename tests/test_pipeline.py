@@ -148,6 +148,35 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
         select_finetune.main(args)
 
 
+def test_cache_determinism_benchmark_finds_no_item_that_depends_on_its_batch(pipeline, capsys, monkeypatch):
+    """benchmarks/cache_determinism.py: a domain's features built in one call and in shuffled pieces are
+    the same bytes (exit 0); with version 1's image batching (a batch of any size) it finds the items
+    that moved and exits 1."""
+    import sys
+
+    import mmrec.encoders.cache as cache
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cache_determinism
+
+    cfg, _ = pipeline
+    args = ["--config", str(cfg.config_path), "--domain", "films", "--chunks", "3"]
+    assert cache_determinism.main(args) == 0
+    out = capsys.readouterr().out
+    n = json.loads((cfg.artifact_path("item_features", "films") / "features.json").read_text())["n_items"]
+    assert f"text: {n} items, 0 differ" in out and f"image: {n} items, 0 differ" in out
+
+    def any_batch(encoder, pixels):  # version 1: the encoder ran on whatever the batch held
+        tokens, pooled = encoder.top(encoder.bottom(pixels))
+        return {"tokens": tokens, "pooled": pooled}
+
+    monkeypatch.setattr(cache, "_image_rows", any_batch)
+    assert cache_determinism.main(args) == 1
+    out = capsys.readouterr().out
+    moved = int(out.split(f"image: {n} items, ")[1].split(" differ")[0])
+    assert moved > 0 and f"text: {n} items, 0 differ" in out
+
+
 def test_select_finetune_rebuilds_item_features_for_a_variant_with_other_encoders(pipeline, monkeypatch, tmp_path):
     """A variant that trains the top text layer in fine-tuning reads the states below it: the target's
     features are built again for its config (not the artifact's final states), and the pretrained
