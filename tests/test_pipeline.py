@@ -142,6 +142,22 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
         select_finetune.main(args[:-1] + ["finetune.epochs=4"])
     with pytest.raises(SystemExit, match="--seed 5"):  # no pretrained model for that seed
         select_finetune.main(args + ["--seed", "5"])
+    # a changed base recipe (the config or a preset it reads) is another recipe: its records are refused
+    rec_path = records / "films" / f"base-seed{seed}.json"
+    rec = json.loads(rec_path.read_text())
+    import dataclasses as dc
+
+    assert rec["config"]["recipe_sha256"] == select_finetune._recipe_digest(cfg, ["finetune.epochs=3"])
+    changed = dc.replace(cfg, sections={**cfg.sections, "finetune": {**(cfg.sections.get("finetune") or {}), "lr": 0.0123}})
+    assert select_finetune._recipe_digest(changed, ["finetune.epochs=3"]) != rec["config"]["recipe_sha256"]
+    assert select_finetune._recipe_digest(cfg, ["finetune.epochs=3", "finetune.user_encoder.dropout=0.5"]) \
+        != rec["config"]["recipe_sha256"]
+    monkeypatch.setattr(select_finetune, "_recipe_digest", lambda cfg, overrides: "e" * 64)
+    with pytest.raises(SystemExit, match="another fine-tuning recipe"):
+        select_finetune.main(args)
+    monkeypatch.undo()
+    monkeypatch.setattr(select_finetune, "_fit_variant", lambda *a, **k: pytest.fail("refitted a finished variant"))
+    assert select_finetune.main(args) == 0  # the real digest still matches
     # pretraining made again gives another model: its old records are refused, not paired with new fits
     monkeypatch.setattr(select_finetune, "_pretrained_digest", lambda folder: "f" * 64)
     with pytest.raises(SystemExit, match="another pretrained model.*ffffffffffff"):
