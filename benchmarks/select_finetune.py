@@ -24,7 +24,9 @@ under "Fine-tuning recipe selection") with the command, commit, config digest an
 validation ranks; a finished one is read back, never refitted. A record also names the digest of the
 pretrained model it was fine-tuned from: pretraining made again (another feature cache, another machine:
 float rounding alone moves a run) gives another model, and a record of the old one is refused rather
-than paired with variants fitted from the new one (give another ``--records`` folder for the new set).
+than paired with variants fitted from the new one (give another ``--records`` folder for the new set), and
+the digest of the recipe it resolved to (model and fine-tuning sections after presets and overrides): a record
+fitted before the base config or a preset it reads changed is refused too.
 """
 
 from __future__ import annotations
@@ -62,6 +64,20 @@ def _pretrained_digest(folder: Path) -> str:
     for part in ("model.json", "model.safetensors"):
         h.update((Path(folder) / part).read_bytes())
     return h.hexdigest()
+
+
+def _recipe_digest(cfg, overrides: list[str]) -> str:
+    """sha256 of everything a variant's fine-tuning resolves to (the model and training sections after
+    presets and overrides, the transfer part, the ranking protocol): a record is read back only under the
+    recipe it was fitted with, so a changed base config or preset (``preset: ../real.yaml``) is noticed."""
+    from mmrec import stages
+
+    cfg = dc.replace(cfg, sections=_apply(cfg.sections, overrides))
+    mcfg, part, _ = stages._variants(cfg)["model"]  # noqa: SLF001
+    train = {k: v for k, v in dc.asdict(cfg.train("finetune")).items() if k != "progress"}
+    spec = {"model": mcfg.to_dict(), "part": part, "train": train, "transfer": dc.asdict(cfg.transfer()),
+            "history": cfg.evaluation().history}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _apply(sections: dict, overrides: list[str]) -> dict:
@@ -168,6 +184,12 @@ def main(argv=None) -> int:
                     f"{was[:12] if was else 'no digest'}, {_shown(cfg.artifact_path('pretrained_model'))} is now "
                     f"{digests[seed][:12]}): its validation ranks do not pair with a variant fitted now; give another "
                     "--records folder for this set of pretrained models")
+            recipe = _recipe_digest(cfg, overrides)
+            if rec is not None and rec["overrides"] == overrides and rec["config"].get("recipe_sha256") != recipe:
+                raise SystemExit(
+                    f"{record_path}: fitted under another fine-tuning recipe (the config or a preset it reads changed "
+                    f"since{'' if rec['config'].get('recipe_sha256') else ', or the record predates recipe digests'}): "
+                    "its validation ranks do not pair with a variant fitted now; give another --records folder")
             if rec is not None and rec["overrides"] != overrides:
                 raise SystemExit(f"{record_path}: recorded with {rec['overrides']}, asked {overrides}: rename the variant")
             if rec is not None and rec["config"]["path"] != _shown(Path(args.config)):
@@ -183,7 +205,8 @@ def main(argv=None) -> int:
                        "config": {"path": _shown(Path(args.config)),
                                   "sha256": hashlib.sha256(Path(args.config).read_bytes()).hexdigest(),
                                   "pretrained": _shown(cfg.artifact_path("pretrained_model")),
-                                  "pretrained_sha256": digests[seed]},
+                                  "pretrained_sha256": digests[seed],
+                                  "recipe_sha256": recipe},
                        "domain": name, "variant": variant, "seed": seed, "metric_split": "valid", **fit}
                 write_json(record_path, rec)  # temp file + rename
             recs.setdefault(variant, {})[seed] = rec

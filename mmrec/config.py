@@ -161,8 +161,10 @@ class FeaturesConfig:
 BASELINES = ("scratch", "sasrec", "id_tower", "zero_shot")
 TRAINED_BASELINES = ("scratch", "sasrec", "id_tower")
 HISTORY_MODES = ("masked", "keep_all")
-FINETUNE_MODEL_KEYS = ("objective", "item_tower")
+FINETUNE_MODEL_KEYS = ("objective", "item_tower", "user_encoder")
 """Mappings of the ``finetune`` section merged onto the ``model`` section's for fine-tuning only."""
+FINETUNE_USER_ENCODER_KEYS = ("dropout",)
+"""What ``finetune.user_encoder`` may set: keys that leave the pretrained encoder's parameters loadable."""
 
 
 @dataclass(frozen=True)
@@ -320,9 +322,10 @@ class PipelineConfig:
 
     def model(self, phase: str | None = None):
         """The ``model`` section as a ``ModelConfig`` (imports torch). ``phase="finetune"``: with the
-        ``finetune`` section's ``objective`` and ``item_tower`` (if any) merged onto ``model.objective``
-        and ``model.item_tower``: the losses and item tower (e.g. ``item_ids``) fine-tuning and every
-        baseline trained on a target use; pretraining keeps the ``model`` section as it is."""
+        ``finetune`` section's ``objective``, ``item_tower`` and ``user_encoder`` (if any; the latter its
+        ``dropout`` only) merged onto the model section's: the losses, item tower (e.g. ``item_ids``) and
+        user-encoder dropout fine-tuning and every baseline trained on a target use; pretraining keeps
+        the ``model`` section as it is."""
         from mmrec.models.recommender import ModelConfig
 
         section = self.sections.get("model") or {}
@@ -333,6 +336,11 @@ class PipelineConfig:
                 over = (self.sections.get("finetune") or {}).get(key) if phase == "finetune" else None
                 if over is not None and not isinstance(over, dict):
                     raise ConfigError(f"{self._where('finetune')}.{key} must be a mapping, got {over!r}")
+                if key == "user_encoder" and over and set(over) - set(FINETUNE_USER_ENCODER_KEYS):
+                    raise ConfigError(
+                        f"{self._where('finetune')}.user_encoder may set only {list(FINETUNE_USER_ENCODER_KEYS)}, got "
+                        f"{sorted(set(over) - set(FINETUNE_USER_ENCODER_KEYS))}: other keys change the pretrained "
+                        "user encoder's parameters (set them in the model section)")
                 if over:
                     section = _merge(section, {key: over})
         try:

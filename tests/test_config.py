@@ -485,6 +485,22 @@ def test_finetune_item_tower_adds_item_ids_for_fine_tuning_only_and_never_to_id_
     assert not towers["sasrec"].item_ids and not towers["id_tower"].item_ids
 
 
+def test_finetune_user_encoder_dropout_for_fine_tuning_only(tmp_path):
+    """The recipe selected on MovieLens validation (user-encoder dropout 0.5 in fine-tuning only): the
+    pretrained model keeps its dropout; the fine-tuned model and the content baselines get the new one;
+    the standard ID SASRec keeps its own (``evaluation.sasrec.dropout``)."""
+    cfg = load_config(_write(tmp_path, LIST_FORM + "    model: {item_tower: {name: text}, text_encoder: {}, objective: {nicl_enabled: false}}\n"
+                             "    finetune: {user_encoder: {dropout: 0.5}}\n"
+                             "    evaluation: {baselines: [scratch, sasrec, id_tower], sasrec: {dropout: 0.3}}\n"))
+    pre, ft = cfg.model(), cfg.model("finetune")
+    assert pre.user_encoder.dropout == 0.1 and ft.user_encoder.dropout == 0.5
+    assert dc.replace(ft.user_encoder, dropout=0.1) == pre.user_encoder  # merged: every shape unchanged
+    from mmrec import stages
+
+    drop = {n: m.user_encoder.dropout for n, (m, _, _) in stages._variants(cfg).items()}
+    assert drop["model"] == drop["scratch"] == drop["id_tower"] == 0.5 and drop["sasrec"] == 0.3
+
+
 def test_the_content_adaptor_never_reaches_the_id_baselines(tmp_path):
     from mmrec import stages
 
@@ -507,6 +523,8 @@ def test_the_content_adaptor_never_reaches_the_id_baselines(tmp_path):
     ("    finetune: {item_tower: ids}\n", "must be a mapping"),
     ("    finetune: {objective: {name: nope}}\n", "nope"),
     ("    finetune: {objective: full_softmax}\n", "must be a mapping"),
+    ("    finetune: {user_encoder: {n_layers: 3}}\n", "user_encoder may set only .'dropout'.*n_layers"),
+    ("    pretrain: {user_encoder: {dropout: 0.5}}\n", "unknown key.*user_encoder"),
 ])
 def test_a_phase_objective_fails_loudly_where_it_cannot_apply(tmp_path, text, match):
     cfg = load_config(_write(tmp_path, LIST_FORM + text))

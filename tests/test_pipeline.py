@@ -142,10 +142,55 @@ def test_select_finetune_compares_variants_on_validation_over_seeds(pipeline, ca
         select_finetune.main(args[:-1] + ["finetune.epochs=4"])
     with pytest.raises(SystemExit, match="--seed 5"):  # no pretrained model for that seed
         select_finetune.main(args + ["--seed", "5"])
+    # a changed base recipe (the config or a preset it reads) is another recipe: its records are refused
+    rec_path = records / "films" / f"base-seed{seed}.json"
+    rec = json.loads(rec_path.read_text())
+    import dataclasses as dc
+
+    assert rec["config"]["recipe_sha256"] == select_finetune._recipe_digest(cfg, ["finetune.epochs=3"])
+    changed = dc.replace(cfg, sections={**cfg.sections, "finetune": {**(cfg.sections.get("finetune") or {}), "lr": 0.0123}})
+    assert select_finetune._recipe_digest(changed, ["finetune.epochs=3"]) != rec["config"]["recipe_sha256"]
+    assert select_finetune._recipe_digest(cfg, ["finetune.epochs=3", "finetune.user_encoder.dropout=0.5"]) \
+        != rec["config"]["recipe_sha256"]
+    monkeypatch.setattr(select_finetune, "_recipe_digest", lambda cfg, overrides: "e" * 64)
+    with pytest.raises(SystemExit, match="another fine-tuning recipe"):
+        select_finetune.main(args)
+    monkeypatch.undo()
+    monkeypatch.setattr(select_finetune, "_fit_variant", lambda *a, **k: pytest.fail("refitted a finished variant"))
+    assert select_finetune.main(args) == 0  # the real digest still matches
     # pretraining made again gives another model: its old records are refused, not paired with new fits
     monkeypatch.setattr(select_finetune, "_pretrained_digest", lambda folder: "f" * 64)
     with pytest.raises(SystemExit, match="another pretrained model.*ffffffffffff"):
         select_finetune.main(args)
+
+
+def test_cache_determinism_benchmark_finds_no_item_that_depends_on_its_batch(pipeline, capsys, monkeypatch):
+    """benchmarks/cache_determinism.py: a domain's features built in one call and in shuffled pieces are
+    the same bytes (exit 0); with version 1's image batching (a batch of any size) it finds the items
+    that moved and exits 1."""
+    import sys
+
+    import mmrec.encoders.cache as cache
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import cache_determinism
+
+    cfg, _ = pipeline
+    args = ["--config", str(cfg.config_path), "--domain", "films", "--chunks", "3"]
+    assert cache_determinism.main(args) == 0
+    out = capsys.readouterr().out
+    n = json.loads((cfg.artifact_path("item_features", "films") / "features.json").read_text())["n_items"]
+    assert f"text: {n} items, 0 differ" in out and f"image: {n} items, 0 differ" in out
+
+    def any_batch(encoder, pixels):  # version 1: the encoder ran on whatever the batch held
+        tokens, pooled = encoder.top(encoder.bottom(pixels))
+        return {"tokens": tokens, "pooled": pooled}
+
+    monkeypatch.setattr(cache, "_image_rows", any_batch)
+    assert cache_determinism.main(args) == 1
+    out = capsys.readouterr().out
+    moved = int(out.split(f"image: {n} items, ")[1].split(" differ")[0])
+    assert moved > 0 and f"text: {n} items, 0 differ" in out
 
 
 def test_select_finetune_rebuilds_item_features_for_a_variant_with_other_encoders(pipeline, monkeypatch, tmp_path):

@@ -14,9 +14,9 @@ What is stored, per modality (row r = the r-th requested item; float16 to halve 
 
 Layout, one pair of files per (modality, fingerprint) under ``cache_dir``::
 
-    text-<fingerprint>.safetensors   the tensors above, one row per cached content,
+    text-v2-<fingerprint>.safetensors   the tensors above, one row per cached content (v2: CACHE_VERSION),
                                      header metadata: format, modality, fingerprint, generation, rows
-    text-<fingerprint>.json          index: {"entries": {content key: row}, "generation": ..., ...}
+    text-v2-<fingerprint>.json          index: {"entries": {content key: row}, "generation": ..., ...}
 
 A content key is ``<item key>:<sha256 of the content>`` (text: the string; image: the reference and
 the stored bytes), so an edited item is recomputed and two catalogs sharing item ids do not clash.
@@ -49,7 +49,14 @@ from mmrec.encoders.text import TextEncoder, length_buckets
 from mmrec.io import atomic_file
 
 CACHE_FORMAT = "mmrec-feature-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: text encoded in batches of one token length, images in batches of exactly ``IMAGE_ROWS`` (version 1
+padded texts to the longest of a batch and ran images in batches of any size, so a vector depended on what
+it was encoded with). Part of the file names: a version-1 cache is never read (delete it to free the space)."""
+IMAGE_ROWS = 16
+"""The image encoder always runs on this many images (a short batch is padded with zero images): oneDNN's
+convolutions give an image other float rounding at another batch size (EfficientNet-Lite0: every image
+encoded alone differs from itself in a batch of 32), but the same rows whatever the other images are."""
 
 _DTYPES = {torch.float16: "F16", torch.bool: "BOOL"}
 """Tensor dtypes the cache stores, with the names the safetensors header uses for them."""
@@ -116,7 +123,7 @@ class _Cache:
         self._tensors: dict[str, torch.Tensor] | None = None
         if cache_dir is None:
             return
-        stem = f"{modality}-{fingerprint}"
+        stem = f"{modality}-v{CACHE_VERSION}-{fingerprint}"
         self.data_path = Path(cache_dir) / f"{stem}.safetensors"
         self.index_path = Path(cache_dir) / f"{stem}.json"
         if not self.data_path.exists() and not self.index_path.exists():
@@ -375,11 +382,22 @@ def _collate(batch):
 
 
 def _image_rows(encoder: ImageEncoder, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    fmap = encoder.bottom(pixels)  # (b, C', h', w')
-    if encoder.cfg.trainable_blocks == 0:
-        tokens, pooled = encoder.top(fmap)  # (b, g*g, C), (b, C)
-        return {"tokens": tokens, "pooled": pooled}
-    return {"hidden": fmap}
+    """The cached rows of ``pixels`` (b, 3, S, S), computed ``IMAGE_ROWS`` images at a time."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, pixels.shape[0], IMAGE_ROWS):
+        chunk = pixels[s : s + IMAGE_ROWS]
+        n = chunk.shape[0]
+        if n < IMAGE_ROWS:  # zero images fill the batch; their rows are dropped
+            chunk = torch.cat([chunk, chunk.new_zeros((IMAGE_ROWS - n, *chunk.shape[1:]))])
+        fmap = encoder.bottom(chunk)  # (IMAGE_ROWS, C', h', w')
+        if encoder.cfg.trainable_blocks == 0:
+            tokens, pooled = encoder.top(fmap)  # (IMAGE_ROWS, g*g, C), (IMAGE_ROWS, C)
+            rows = {"tokens": tokens[:n], "pooled": pooled[:n]}
+        else:
+            rows = {"hidden": fmap[:n]}
+        for name, t in rows.items():
+            parts.setdefault(name, []).append(t)
+    return {name: torch.cat(ts) for name, ts in parts.items()}
 
 
 def image_features(

@@ -4,8 +4,8 @@ into files of its own, and one merge appends everything to the shared cache (``m
 Worker ``w`` of ``W`` takes the ``w``-th contiguous slice of the items (``shard_bounds``) and
 encodes it in chunks of ``chunk_size`` items, each chunk into a cache pair of its own::
 
-    <cache_dir>/shards/<modality>-<fingerprint>/<w>-of-<W>/chunk-<c>/<modality>-<fingerprint>.{safetensors,json}
-    <cache_dir>/shards/<modality>-<fingerprint>/<w>-of-<W>/done.json      written when all its chunks are
+    <cache_dir>/shards/<modality>-v<version>-<fingerprint>/<w>-of-<W>/chunk-<c>/<modality>-v<version>-<fingerprint>.{safetensors,json}
+    <cache_dir>/shards/<modality>-v<version>-<fingerprint>/<w>-of-<W>/done.json      written when all its chunks are
 
 A chunk's files are written atomically once the chunk is encoded (the cache's own ``append``), so a
 worker killed mid-run loses at most the chunk it was on: rerun, it finds its finished chunks whole
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmrec.encoders.cache import _Cache, _digest, image_features, text_features
+from mmrec.encoders.cache import CACHE_VERSION, _Cache, _digest, image_features, text_features
 from mmrec.io import write_json
 
 SHARDS = "shards"
@@ -47,7 +47,7 @@ def shard_bounds(n: int, worker: int, n_workers: int) -> tuple[int, int]:
 
 
 def _root(cache_dir: Path, modality: str, fingerprint: str) -> Path:
-    return Path(cache_dir) / SHARDS / f"{modality}-{fingerprint}"
+    return Path(cache_dir) / SHARDS / f"{modality}-v{CACHE_VERSION}-{fingerprint}"
 
 
 def _spec(modality: str, encoder) -> dict:

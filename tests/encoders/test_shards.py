@@ -31,7 +31,7 @@ def test_two_workers_then_merge_equal_one_build(enc, tmp_path):
     assert [r["chunks"] for r in reports] == [3, 3] and sum(r["computed"] for r in reports) == 17  # 20 - 3 blank
     merged = merge_shards("text", enc, tmp_path, 2)
     assert merged == {"added": 17, "rows": 17}
-    assert not (tmp_path / shards.SHARDS / f"text-{enc.fingerprint()}").exists()
+    assert not (tmp_path / shards.SHARDS / f"text-v2-{enc.fingerprint()}").exists()
     served = text_features(enc, TEXTS, KEYS, tmp_path, progress=False)
     assert served.stats.computed == 0 and served.stats.hits == 17  # everything from the merged cache
     direct = text_features(enc, TEXTS, KEYS, None, progress=False)
